@@ -1,0 +1,43 @@
+"""What every pretraining entry script does: processes, data, method, trainer."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from engine import dist
+from engine.trainer import Trainer
+
+
+def build_backbone_from_cfg(cfg) -> nn.Module:
+    """The zoo backbone of MODEL.NAME, initialised from MODEL.PRETRAINED when set."""
+    from models.zoo import build_backbone, load_pretrained
+    backbone = build_backbone(cfg)
+    if cfg.MODEL.PRETRAINED:
+        load_pretrained(backbone, cfg.MODEL.PRETRAINED, min_fraction=cfg.MODEL.MIN_LOADED_FRACTION)
+    return backbone
+
+
+def pretrain(cfg, build_method: Callable[[object, nn.Module], nn.Module],
+             build_view: Callable[[object, bool], Callable]) -> dict:
+    """Run a pretraining job: ``build_method(cfg, backbone)``, views from ``build_view(cfg, train)``.
+
+    Returns the last epoch's metrics row (rank 0; other ranks get the same keys).
+    """
+    from data.datasets import build_dataset, collate
+    if not cfg.DATA.TRAIN_CSV:
+        raise ValueError("DATA.TRAIN_CSV is empty: set it to a manifest CSV (see datasets/README.md)")
+    dist.init_distributed()
+    try:
+        dist.seed_everything(cfg.SEED)  # the same model init on every rank
+        train_set = build_dataset(cfg, cfg.DATA.TRAIN_CSV, build_view(cfg, True))
+        val_loader = None
+        if cfg.DATA.VAL_CSV:
+            val_set = build_dataset(cfg, cfg.DATA.VAL_CSV, build_view(cfg, False))
+            val_loader = dist.make_loader(val_set, cfg, train=False, collate_fn=collate)
+        method = build_method(cfg, build_backbone_from_cfg(cfg))
+        trainer = Trainer(cfg, method, dist.make_loader(train_set, cfg, train=True, collate_fn=collate),
+                          val_loader)
+        return trainer.fit()
+    finally:
+        dist.cleanup()

@@ -1,0 +1,68 @@
+import torch
+from torch import nn
+
+from config import get_config
+from engine.optim import build_optimizer, param_groups, scaled_lr
+
+
+class Layered(nn.Module):
+    """A backbone with layer ids: embed (0), two blocks (1, 2), norm (3)."""
+
+    num_layers = 2
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 3, 8))
+        self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.norm = nn.LayerNorm(8)
+
+    def no_weight_decay(self):
+        return {"pos_embed"}
+
+    def layer_id(self, name):
+        if name.startswith(("embed", "pos_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers + 1
+
+
+class Method(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = Layered()
+        self.head = nn.Linear(8, 2)
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+
+def by_name(groups):
+    return {n: g for g in groups for n in g["names"]}
+
+
+def test_no_decay_on_norms_biases_pos_embed_and_frozen_left_out():
+    groups = by_name(param_groups(Method()))
+    assert groups["backbone.embed.weight"]["wd_scale"] == 1.0
+    assert groups["backbone.embed.bias"]["wd_scale"] == 0.0
+    assert groups["backbone.norm.weight"]["wd_scale"] == 0.0
+    assert groups["backbone.pos_embed"]["wd_scale"] == 0.0
+    assert groups["head.weight"]["wd_scale"] == 1.0
+    assert "frozen.weight" not in groups
+
+
+def test_layer_decay_and_head_scale():
+    groups = by_name(param_groups(Method(), layer_decay=0.5, lr_scales={"head.": 10.0}))
+    assert groups["backbone.embed.weight"]["lr_scale"] == 0.5 ** 3
+    assert groups["backbone.blocks.0.weight"]["lr_scale"] == 0.5 ** 2
+    assert groups["backbone.blocks.1.weight"]["lr_scale"] == 0.5
+    assert groups["backbone.norm.weight"]["lr_scale"] == 1.0
+    assert groups["head.weight"]["lr_scale"] == 10.0
+
+
+def test_optimizer_and_lr_scaling():
+    cfg = get_config(["--opts", "DATA.BATCH_SIZE", "16", "TRAIN.ACCUM_STEPS", "2", "TRAIN.BASE_LR", "1e-3"])
+    assert scaled_lr(cfg, world_size=4) == 1e-3 * 16 * 4 * 2 / 256
+    opt = build_optimizer(cfg, param_groups(Method()))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert all("lr_scale" in g and "wd_scale" in g for g in opt.param_groups)

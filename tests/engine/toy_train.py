@@ -1,0 +1,85 @@
+"""A tiny method and dataset for engine tests; runnable under python or torchrun.
+
+    python tests/engine/toy_train.py --opts OUTPUT DIR TRAIN.EPOCHS 3 ...
+Environment: TOY_SLEEP (seconds per sample, to leave time for signals), TOY_NAN_AT (iteration
+at which the loss becomes NaN).
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from config import get_config  # noqa: E402
+from engine import dist  # noqa: E402
+from engine.trainer import Trainer  # noqa: E402
+
+
+class ToyData(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self.w = np.random.default_rng(123).normal(size=16).astype(np.float32)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        x = np.random.default_rng(index).normal(size=16).astype(np.float32)
+        x = x + 0.1 * rng.normal(size=16).astype(np.float32)  # "augmentation"
+        time.sleep(float(os.environ.get("TOY_SLEEP", "0")))
+        return {"x": torch.from_numpy(x), "y": torch.tensor(float(x @ self.w)), "index": index,
+                "id": f"toy{index}"}
+
+
+def collate(samples):
+    out = torch.utils.data.default_collate([{k: v for k, v in s.items() if k != "id"} for s in samples])
+    out["id"] = [s["id"] for s in samples]
+    return out
+
+
+class ToyMethod(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32))
+        self.head = nn.Linear(32, 1)
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+        self.nan_at = int(os.environ.get("TOY_NAN_AT", "-1"))
+        self.it = 0
+
+    def on_step_start(self, it, epoch, total_iters):
+        self.it = it
+
+    def on_step_end(self, it):
+        self.steps_seen += 1
+
+    def forward(self, batch):
+        h = self.backbone(batch["x"])
+        h = h * (torch.rand_like(h) > 0.1)  # uses the global torch RNG, as MAE masking does
+        pred = self.head(h).squeeze(-1)
+        loss = ((pred - batch["y"]) ** 2).mean()
+        if self.it == self.nan_at:
+            loss = loss * float("nan")
+        return {"loss": loss, "pred_mean": pred.mean().detach()}
+
+
+def main(argv=None):
+    cfg = get_config(argv)
+    dist.init_distributed()
+    dist.seed_everything(cfg.SEED)
+    data = ToyData(int(os.environ.get("TOY_N", "64")), cfg.SEED)
+    loader = dist.make_loader(data, cfg, train=True, collate_fn=collate)
+    val = dist.make_loader(ToyData(10, cfg.SEED), cfg, train=False, collate_fn=collate)
+    try:
+        Trainer(cfg, ToyMethod(), loader, val).fit()
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    main()
