@@ -44,6 +44,8 @@ SUBTYPES = ("IPH", "IVH", "SDH", "EDH", "SAH")  # haemorrhage subtypes; ICH = an
 LESION_KINDS = SUBTYPES + ("Fracture",)
 LABEL_COLUMNS = ("ICH",) + LESION_KINDS
 CSV_COLUMNS = ("img_path", "id", "patient_id") + LABEL_COLUMNS
+# seed point: world-mm centre of the largest lesion (blank for a healthy head), for seed-point crops
+COORD_COLUMNS = ("coordX", "coordY", "coordZ")
 # P(subtype | ICH-positive scan), drawn independently until at least one is present
 SUBTYPE_PROB = {"IPH": 0.45, "IVH": 0.25, "SDH": 0.40, "EDH": 0.15, "SAH": 0.35}
 LESION_BITS = {k: 1 << i for i, k in enumerate(LESION_KINDS)}  # bit of each lesion in the bit map
@@ -1084,13 +1086,25 @@ def plan_dataset(n: int, seed: int = 0) -> list[dict]:
     return [dict(patient=i, n_series=counts[i], ich=bool(ich[i]), split=split[i]) for i in range(p)]
 
 
+def _seed_point(lmasks: dict[str, np.ndarray], affine: np.ndarray) -> dict[str, str]:
+    """World-mm centroid of the largest lesion, as CSV strings (blank when there is none)."""
+    sizes = {k: int(lmasks[k].sum()) for k in LESION_KINDS if k in lmasks}
+    kind = max(sizes, key=sizes.get) if sizes else None
+    if kind is None or sizes[kind] == 0:
+        return dict.fromkeys(COORD_COLUMNS, "")
+    centre = np.argwhere(lmasks[kind]).mean(axis=0)  # voxel [x, y, z]
+    world = affine[:3, :3] @ centre + affine[:3, 3]
+    return {c: f"{v:.2f}" for c, v in zip(COORD_COLUMNS, world)}
+
+
 def write_dataset(out_dir: Union[str, Path], n: int, size: int = 64, seed: int = 0,
                   masks: bool = False, verbose: bool = False) -> dict[str, Path]:
     """Generate ``n`` phantom series and patient-level split manifests.
 
     Writes ``out_dir/images/<id>.nii.gz`` and ``out_dir/{train,val,test}.csv`` with columns
     ``img_path`` (relative to ``out_dir``), ``id``, ``patient_id``, ``ICH``, ``IPH``, ``IVH``,
-    ``SDH``, ``EDH``, ``SAH``, ``Fracture``; with ``masks`` also
+    ``SDH``, ``EDH``, ``SAH``, ``Fracture``, ``coordX``, ``coordY``, ``coordZ`` (world-mm centre of
+    the largest lesion, blank when healthy: seed points for SimCLR's negative_mined mode); with ``masks`` also
     ``out_dir/masks/<id>_<kind>.nii.gz`` (uint8) for each lesion present.
 
     Args:
@@ -1131,7 +1145,7 @@ def write_dataset(out_dir: Union[str, Path], n: int, size: int = 64, seed: int =
                     if labels[kind]:
                         _save_mask(out / "masks" / f"{sid}_{kind}.nii.gz", lmasks[kind], affine)
             rows[pat["split"]].append(dict(img_path=f"images/{sid}.nii.gz", id=sid,
-                                           patient_id=pid, **labels))
+                                           patient_id=pid, **labels, **_seed_point(lmasks, affine)))
             if verbose:
                 pos = [k for k in LESION_KINDS if labels[k]]
                 print(f"{sid} {pat['split']:5s} {' '.join(pos) or '-'}", flush=True)
@@ -1139,7 +1153,7 @@ def write_dataset(out_dir: Union[str, Path], n: int, size: int = 64, seed: int =
     for split, items in rows.items():
         paths[split] = out / f"{split}.csv"
         with open(paths[split], "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
+            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS + COORD_COLUMNS, lineterminator="\n")
             w.writeheader()
             w.writerows(sorted(items, key=lambda r: r["id"]))
     return paths

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from data.phantom import (CSV_COLUMNS, LESION_KINDS, SUBTYPES, main, make_phantom,
+from data.phantom import (COORD_COLUMNS, CSV_COLUMNS, LESION_KINDS, SUBTYPES, main, make_phantom,
                           phantom_affine, plan_dataset, save_nifti, spacing_for_size,
                           write_dataset)
 
@@ -67,7 +67,7 @@ def test_cli_manifests_columns_split_and_labels(cli_dataset: Path) -> None:
     rows_by_split = {}
     for split in ("train", "val", "test"):
         cols, rows = _read_csv(cli_dataset / f"{split}.csv")
-        assert cols == list(CSV_COLUMNS)
+        assert cols == list(CSV_COLUMNS) + list(COORD_COLUMNS)
         rows_by_split[split] = rows
     all_rows = [r for rows in rows_by_split.values() for r in rows]
     assert len(all_rows) == 24
@@ -77,6 +77,14 @@ def test_cli_manifests_columns_split_and_labels(cli_dataset: Path) -> None:
         assert r["img_path"] == f"images/{r['id']}.nii.gz"
         assert all(r[k] in ("0", "1") for k in CSV_COLUMNS[3:])
         assert int(r["ICH"]) == max(int(r[k]) for k in SUBTYPES)
+        has_lesion = any(r[k] == "1" for k in CSV_COLUMNS[3:])
+        assert all((r[c] != "") == has_lesion for c in COORD_COLUMNS)
+        if has_lesion:  # the seed point lies inside the head, well within the volume
+            img = nib.load(cli_dataset / r["img_path"])
+            world = np.array([float(r[c]) for c in COORD_COLUMNS] + [1.0])
+            vox = np.round(np.linalg.inv(img.affine) @ world)[:3].astype(int)
+            assert all(0 <= v < n for v, n in zip(vox, img.shape))
+            assert img.get_fdata()[tuple(vox)] > -200
     patients = {s: {r["patient_id"] for r in rows} for s, rows in rows_by_split.items()}
     assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"]
                 or patients["val"] & patients["test"])
