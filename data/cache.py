@@ -1,0 +1,317 @@
+"""The preprocessing cache: every manifest volume preprocessed once into int16 HU for memory mapping.
+
+Layout::
+
+    DATA.CACHE_DIR/<key>/params.json           the preprocessing parameters behind <key>
+    DATA.CACHE_DIR/<key>/ab/abcdef....npy      int16 HU [X, Y, Z], uncompressed (np.load mmap_mode="r")
+    DATA.CACHE_DIR/<key>/ab/abcdef....json     sidecar: source, spacing, shape, affine, parameters
+    DATA.CACHE_DIR/<key>/skipped.csv           path, reason of inputs refused under DATA.ON_ERROR skip
+
+``<key>`` hashes every preprocessing parameter (:func:`preprocess_params`: spacing, head threshold,
+orientation, cropping margins, interpolation, format version), so changing one starts a new folder
+and never reuses stale arrays. An entry's file name hashes the resolved source path, so manifests
+that list the same file share its entry. An entry counts as done when its sidecar exists: the array
+is written first, each through a temporary file and ``os.replace``, so an interrupted run leaves no
+half-written entry and simply resumes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from data.io import (BadInputError, TooManyBadInputs, Volume, read_skipped, read_volume, sidecar_path,
+                     write_skipped)
+from data.transforms import HEAD_MARGIN_MM, HEAD_OPENING_MM, preprocess_volume
+
+PathLike = Union[str, os.PathLike]
+FORMAT_VERSION = 1  # bump when the stored layout or the preprocessing code changes meaning
+SKIPPED_CSV = "skipped.csv"
+
+
+def preprocess_params(cfg) -> dict:
+    """Every parameter that changes a cached array (hashed into :func:`cache_key`).
+
+    Args:
+        cfg: the config (``DATA.SPACING``, ``DATA.HEAD_THRESHOLD``).
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "orientation": "RAS",
+        "spacing": [float(s) for s in cfg.DATA.SPACING],
+        "interpolation": "linear",
+        "head_threshold": float(cfg.DATA.HEAD_THRESHOLD),
+        "head_margin_mm": float(HEAD_MARGIN_MM),
+        "head_opening_mm": float(HEAD_OPENING_MM),
+        "dtype": "int16",
+    }
+
+
+def params_key(params: dict) -> str:
+    """Short stable hash of a parameter dict."""
+    blob = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def cache_key(cfg) -> str:
+    """Name of the cache folder for this config's preprocessing parameters (16 hex digits)."""
+    return params_key(preprocess_params(cfg))
+
+
+def cache_root(cfg) -> Path:
+    """``DATA.CACHE_DIR/<cache_key>``; ValueError when ``DATA.CACHE_DIR`` is empty."""
+    if not cfg.DATA.CACHE_DIR:
+        raise ValueError("DATA.CACHE_DIR is empty; set it to the folder of the preprocessing cache")
+    return Path(os.path.expanduser(cfg.DATA.CACHE_DIR)).absolute() / cache_key(cfg)
+
+
+def entry_name(source: PathLike) -> str:
+    """Hash of the resolved (absolute, normalised) source path: the entry's file stem."""
+    resolved = os.path.abspath(os.path.expanduser(str(source)))
+    return hashlib.sha1(resolved.encode("utf-8")).hexdigest()[:24]
+
+
+def entry_path(root: PathLike, source: PathLike) -> Path:
+    """The ``.npy`` of ``source`` under a cache folder (sharded by the hash's first two digits)."""
+    name = entry_name(source)
+    return Path(root) / name[:2] / f"{name}.npy"
+
+
+def is_done(root: PathLike, source: PathLike) -> bool:
+    """True when the entry's sidecar (written last) and array exist."""
+    npy = entry_path(root, source)
+    return os.path.exists(sidecar_path(npy)) and npy.exists()
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_entry(root: PathLike, source: PathLike, vol: Volume, params: dict) -> Path:
+    """Store a preprocessed volume as int16 HU ``.npy`` plus its JSON sidecar, atomically.
+
+    Args:
+        root: the cache folder (``cache_root(cfg)``).
+        source: the source file (its resolved path names the entry).
+        vol: preprocessed float HU volume.
+        params: :func:`preprocess_params` (recorded in the sidecar).
+
+    Returns:
+        The ``.npy`` path.
+    """
+    npy = entry_path(root, source)
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    hu = np.clip(np.rint(np.asarray(vol.array, dtype=np.float32)), -32768, 32767).astype(np.int16)
+    _atomic_write_bytes(npy, lambda f: np.save(f, hu))
+    src = os.path.abspath(os.path.expanduser(str(source)))
+    st = os.stat(src) if os.path.exists(src) else None
+    meta = {
+        "source": src,
+        "source_size": st.st_size if st else None,
+        "source_mtime": st.st_mtime if st else None,
+        "shape": list(hu.shape),
+        "spacing": [float(s) for s in vol.spacing],
+        "affine": np.asarray(vol.affine, dtype=np.float64).tolist(),
+        "dtype": "int16",
+        "params": params,
+        "key": params_key(params),
+    }
+    blob = json.dumps(meta, indent=1).encode()
+    _atomic_write_bytes(Path(sidecar_path(npy)), lambda f: f.write(blob))
+    return npy
+
+
+def skipped_reasons(root: PathLike) -> dict[str, str]:
+    """``{source: reason}`` of the inputs refused when this cache was built."""
+    return read_skipped(Path(root) / SKIPPED_CSV)
+
+
+def read_entry(root: PathLike, source: PathLike, skipped: Optional[dict[str, str]] = None) -> Volume:
+    """The cached volume of ``source`` (int16 memmap ``[X, Y, Z]`` + geometry).
+
+    Args:
+        root: the cache folder.
+        source: the manifest's (resolved) source path.
+        skipped: ``skipped_reasons(root)`` if already loaded (read here otherwise, when missing).
+
+    Raises:
+        BadInputError: naming the source: skipped at preprocessing (with the reason), or not in the
+            cache (with the cache path and the command to run).
+    """
+    npy = entry_path(root, source)
+    if not os.path.exists(sidecar_path(npy)):
+        reasons = skipped if skipped is not None else skipped_reasons(root)
+        src = os.path.abspath(os.path.expanduser(str(source)))
+        if src in reasons:
+            raise BadInputError(source, f"skipped at preprocessing: {reasons[src]}")
+        raise BadInputError(source, f"not in the preprocessing cache (expected {npy}); run "
+                                    "tools/preprocess.py --cfg ... with the same DATA settings first")
+    return read_volume(npy)
+
+
+def preprocess_one(source: str, root: str, params: dict) -> tuple[str, str, str]:
+    """Read, preprocess and store one volume (runs in a worker process).
+
+    Returns:
+        ``(status, source, reason)``: status ``'done'`` or ``'bad'`` (reason = BadInputError's).
+    """
+    try:
+        vol = read_volume(source)
+        try:
+            out = preprocess_volume(vol, params["spacing"], params["head_threshold"],
+                                    params["head_margin_mm"], params["head_opening_mm"])
+        except ValueError as e:  # e.g. nothing above the head threshold
+            raise BadInputError(source, f"preprocessing failed: {e}") from None
+        write_entry(root, source, out, params)
+        return "done", source, ""
+    except BadInputError as e:
+        return "bad", source, e.reason
+
+
+def manifest_sources(cfg, csv_paths: Optional[Sequence[PathLike]] = None) -> list[str]:
+    """Unique resolved image paths of the manifests (default: the config's TRAIN/VAL/TEST CSVs that are set)."""
+    from data.manifest import Manifest
+
+    if csv_paths is None:
+        csv_paths = [p for p in (cfg.DATA.TRAIN_CSV, cfg.DATA.VAL_CSV, cfg.DATA.TEST_CSV) if p]
+    if not csv_paths:
+        raise ValueError("no manifest: set DATA.TRAIN_CSV, DATA.VAL_CSV or DATA.TEST_CSV")
+    seen: dict[str, None] = {}
+    for p in csv_paths:
+        for s in Manifest.read(p, root=cfg.DATA.ROOT).paths:
+            seen.setdefault(s)
+    return list(seen)
+
+
+def _summary(bad: dict[str, str], total: int) -> str:
+    top = Counter(r.split(" (")[0] for r in bad.values()).most_common(5)
+    lines = [f"{len(bad)} of {total} inputs are bad; most common reasons:"]
+    lines += [f"  {n} x {r}" for r, n in top]
+    return "\n".join(lines)
+
+
+def preprocess_manifests(cfg, csv_paths: Optional[Sequence[PathLike]] = None,
+                         num_workers: Optional[int] = None, progress: bool = True,
+                         log=print) -> dict:
+    """Fill the cache for every volume of the manifests: parallel, resumable, idempotent.
+
+    Entries already done are skipped; the others run over ``num_workers`` processes (0 = in this
+    process). Under ``DATA.ON_ERROR raise`` the first bad input stops everything with its
+    BadInputError. Under ``skip`` each bad input is logged once and listed in
+    ``<cache>/skipped.csv`` (rewritten each run: inputs that now succeed leave it); once more than
+    ``DATA.MAX_BAD_FRACTION`` of the inputs are bad the run stops with :class:`TooManyBadInputs`.
+
+    Args:
+        cfg: the config (DATA.CACHE_DIR, DATA.SPACING, DATA.HEAD_THRESHOLD, DATA.ON_ERROR,
+            DATA.MAX_BAD_FRACTION, DATA.NUM_WORKERS, manifests).
+        csv_paths: manifests to cover (default: the config's).
+        num_workers: processes (default ``DATA.NUM_WORKERS``).
+        progress: show a tqdm bar.
+        log: called with each message line.
+
+    Returns:
+        ``{"root", "total", "already_done", "done", "bad", "seconds", "per_second"}``.
+    """
+    root = cache_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    params = preprocess_params(cfg)
+    _atomic_write_bytes(root / "params.json", lambda f: f.write(json.dumps(params, indent=1).encode()))
+    sources = manifest_sources(cfg, csv_paths)
+    total = len(sources)
+    todo = [s for s in sources if not is_done(root, s)]
+    already = total - len(todo)
+    workers = cfg.DATA.NUM_WORKERS if num_workers is None else num_workers
+    skip = cfg.DATA.ON_ERROR == "skip"
+    max_bad = float(cfg.DATA.MAX_BAD_FRACTION) * total
+    log(f"preprocess: {total} volumes, {already} already in {root}, {len(todo)} to do on "
+        f"{max(workers, 1)} process(es)")
+
+    bad: dict[str, str] = {}
+    n_done = 0
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="preprocess", unit="vol", dynamic_ncols=True)
+
+    def handle(result: tuple[str, str, str]) -> None:
+        nonlocal n_done
+        status, source, reason = result
+        if bar is not None:
+            bar.update(1)
+        if status == "done":
+            n_done += 1
+            return
+        if not skip:
+            raise BadInputError(source, reason)
+        bad[source] = reason
+        (bar.write if bar is not None else log)(f"skipped {source}: {reason}")
+        if len(bad) > max_bad:
+            raise TooManyBadInputs(_summary(bad, total) + f"\nmore than DATA.MAX_BAD_FRACTION = "
+                                   f"{cfg.DATA.MAX_BAD_FRACTION} of {total}; stopped. Listed in "
+                                   f"{root / SKIPPED_CSV}")
+
+    try:
+        if workers <= 0:
+            for s in todo:
+                handle(preprocess_one(s, str(root), params))
+        else:
+            _run_pool(todo, str(root), params, workers, handle)
+    finally:
+        if bar is not None:
+            bar.close()
+        if skip:
+            # inputs that failed before but are now done leave the list; unseen ones stay
+            old = {p: r for p, r in skipped_reasons(root).items() if not is_done(root, p)}
+            old.update(bad)
+            write_skipped(root / SKIPPED_CSV, old.items(), replace=True)
+    seconds = time.perf_counter() - t0
+    summary = {"root": str(root), "total": total, "already_done": already, "done": n_done,
+               "bad": len(bad), "seconds": seconds, "per_second": n_done / seconds if seconds > 0 else 0.0}
+    log(f"preprocess: {n_done} written, {already} already done, {len(bad)} skipped in {seconds:.1f} s "
+        f"({summary['per_second']:.2f} volumes/s)" + (f"; see {root / SKIPPED_CSV}" if bad else ""))
+    return summary
+
+
+def _init_worker() -> None:
+    """One thread per worker process: the processes are the parallelism."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_pool(todo: list[str], root: str, params: dict, workers: int, handle) -> None:
+    """At most ``4 * workers`` tasks in flight (a 400k-entry manifest is not submitted at once)."""
+    it = iter(todo)
+    pending: set[Future] = set()
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+        try:
+            while True:
+                while len(pending) < 4 * workers:
+                    s = next(it, None)
+                    if s is None:
+                        break
+                    pending.add(pool.submit(preprocess_one, s, root, params))
+                if not pending:
+                    break
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    handle(fut.result())
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
