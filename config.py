@@ -56,7 +56,9 @@ _C.MODEL.POOL = "cls"  # ViT pooled output: 'cls' | 'mean' | 'cls+mean'
 _C.MODEL.NUM_REGISTERS = 0  # ViT register tokens (DINOv2-style; 4 helps attention maps)
 _C.MODEL.POS_EMBED = "sincos"  # ViT position embedding: 'sincos' (fixed) | 'learned' (sin-cos init)
 _C.MODEL.DROP_PATH = 0.0  # stochastic depth rate (0.1 for fine-tuning ViT-B)
-_C.MODEL.FEATURE_SIZE = 48  # width of MONAI encoders: swin embed dim, segresnet/resnet first-stage filters
+# width of the MONAI encoders: swin embed dim (multiple of 12), segresnet init filters, resnet
+# first-stage channels; 0 = the standard width (swin 48 as SwinUNETR, segresnet 32 as CT-FM, resnet 64)
+_C.MODEL.FEATURE_SIZE = 0
 
 # ---------------------------------------------------------------------------------------------
 _C.TRAIN = CN()
@@ -160,7 +162,7 @@ CHOICES = {
     "DOWNSTREAM.IMBALANCE": ("pos_weight", "balanced_sampler", "none"),
     "DOWNSTREAM.FEW_SHOT_BASE": ("linear", "finetune"),
 }
-NON_NEGATIVE = ("TRAIN.EPOCHS", "TRAIN.WARMUP_EPOCHS", "TRAIN.SAVE_EVERY", "TRAIN.SAVE_MINUTES",
+NON_NEGATIVE = ("MODEL.FEATURE_SIZE", "TRAIN.EPOCHS", "TRAIN.WARMUP_EPOCHS", "TRAIN.SAVE_EVERY", "TRAIN.SAVE_MINUTES",
                 "TRAIN.CLIP_GRAD", "DATA.NUM_WORKERS", "DOWNSTREAM.SAMPLES_PER_EPOCH", "TRAIN.BASE_LR",
                 "TRAIN.MIN_LR", "TRAIN.WEIGHT_DECAY", "MAE.VIS_EVERY", "DINO.KNN_EVERY",
                 "DINO.FREEZE_LAST_LAYER_EPOCHS", "SIMCLR.ROTATION_WEIGHT", "SIMCLR.INPAINT_WEIGHT",
