@@ -1,7 +1,7 @@
 """What every pretraining entry script does: processes, data, method, trainer."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -19,8 +19,12 @@ def build_backbone_from_cfg(cfg) -> nn.Module:
 
 
 def pretrain(cfg, build_method: Callable[[object, nn.Module], nn.Module],
-             build_view: Callable[[object, bool], Callable]) -> dict:
+             build_view: Callable[[object, bool], Callable],
+             evaluator: Optional[Callable[[nn.Module, int], dict]] = None) -> dict:
     """Run a pretraining job: ``build_method(cfg, backbone)``, views from ``build_view(cfg, train)``.
+
+    ``evaluator(method, epoch) -> dict`` (optional) is handed to the Trainer (e.g. DINO's k-NN
+    monitor); it may build its loaders lazily, once the process group exists.
 
     Returns the last epoch's metrics row (rank 0; other ranks get the same keys).
     """
@@ -37,7 +41,7 @@ def pretrain(cfg, build_method: Callable[[object, nn.Module], nn.Module],
             val_loader = dist.make_loader(val_set, cfg, train=False, collate_fn=collate)
         method = build_method(cfg, build_backbone_from_cfg(cfg))
         trainer = Trainer(cfg, method, dist.make_loader(train_set, cfg, train=True, collate_fn=collate),
-                          val_loader)
+                          val_loader, evaluator=evaluator)
         return trainer.fit()
     finally:
         dist.cleanup()

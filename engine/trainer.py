@@ -307,6 +307,7 @@ class Trainer:
             step_s += timer.lap()
             for k, v in out.items():
                 if isinstance(v, (torch.Tensor, float, int)):
+                    v = v.detach() if isinstance(v, torch.Tensor) else v
                     self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + float(v)
             self.epoch_sums["_n"] = self.epoch_sums.get("_n", 0.0) + 1
             if self.step_in_epoch % cfg.TRAIN.LOG_EVERY == 0 or self.step_in_epoch == self.iters_per_epoch:
@@ -314,6 +315,7 @@ class Trainer:
                 window, n_window, data_s, step_s = {}, 0, 0.0, 0.0
             if stop:
                 self.save([ckpt.LAST])
+                dist.barrier()  # no rank leaves (and gets its launcher to kill the others) mid-write
                 name = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal on another rank"
                 self.log.info(f"received {name}: saved checkpoint_last.pth at epoch {self.epoch} step "
                               f"{self.step_in_epoch}; exiting with code {REQUEUE_EXIT_CODE} (requeue to resume)")
