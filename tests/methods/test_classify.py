@@ -1,0 +1,285 @@
+"""methods/classify.py: masked loss, pos_weight, frozen backbone (bit-identical, BatchNorm stats),
+lr scales, heads, batch of one, samplers, gathered prediction, validation scorer, logistic probe."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from config import get_defaults
+from engine.optim import build_optimizer, param_groups
+from methods.classify import (Classifier, FrozenBackboneError, LogisticProbe, RandomEpochSampler,
+                              ValidationScorer, backbone_checksum, balanced_weights, build_classifier,
+                              build_train_sampler, compute_pos_weight, masked_bce, predict_gathered, sigmoid)
+from models.zoo import build_backbone
+
+
+def tiny_cfg(name="vit_tiny", roi=16, chans=1, **downstream):
+    cfg = get_defaults()
+    cfg.MODEL.NAME = name
+    cfg.MODEL.PATCH_SIZE = [8, 8, 8]
+    cfg.MODEL.FEATURE_SIZE = 8
+    cfg.DATA.ROI = [roi] * 3
+    cfg.DATA.WINDOWS = ["brain"] * chans
+    for k, v in downstream.items():
+        cfg.DOWNSTREAM[k] = v
+    return cfg
+
+
+def backbone(name="vit_tiny", roi=16):
+    torch.manual_seed(0)
+    return build_backbone(tiny_cfg(name, roi))
+
+
+def batch(n=4, roi=16, labels=((1.0,), (0.0,), (1.0,), (0.0,))):
+    g = torch.Generator().manual_seed(1)
+    return {"image": torch.rand(n, 1, roi, roi, roi, generator=g), "label": torch.tensor(labels[:n])}
+
+
+def state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def train_steps(method, steps=3, n=4, roi=16, labels=((1.0,), (0.0,), (1.0,), (0.0,))):
+    opt = build_optimizer(tiny_cfg(), param_groups(method, 1.0, method.lr_scales()))
+    method.train()
+    for _ in range(steps):
+        out = method(batch(n, roi, labels))
+        out["loss"].backward()
+        method.on_after_backward(0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        method.on_step_start(0, 0, steps)
+    return out
+
+
+# ------------------------------------------------------------------ loss
+def test_masked_bce_ignores_blank_entries_and_uses_pos_weight():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0], [-2.0, 0.0]], requires_grad=True)
+    target = torch.tensor([[1.0, float("nan")], [0.0, 1.0], [float("nan"), 0.0]])
+    known = ~torch.isnan(target)
+    ref = nn.functional.binary_cross_entropy_with_logits(logits[known], target[known])
+    assert torch.allclose(masked_bce(logits, target), ref)
+    pw = torch.tensor([3.0, 1.0])
+    per = nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.nan_to_num(target), pos_weight=pw, reduction="none")
+    assert torch.allclose(masked_bce(logits, target, pw), per[known].mean())
+    assert masked_bce(logits, target, pw) > masked_bce(logits, target)  # positives weigh more
+    blank = masked_bce(logits, torch.full_like(target, float("nan")))
+    assert blank.item() == 0.0
+    blank.backward()  # still attached to the graph: DDP needs a backward on every rank
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_pos_weight_is_neg_over_pos_and_refuses_a_missing_class():
+    y = np.array([[1, 0], [0, 0], [0, 1], [np.nan, 0], [0, np.nan]], dtype=np.float32)
+    assert torch.allclose(compute_pos_weight(y, ["a", "b"]), torch.tensor([3.0, 3.0]))
+    with pytest.raises(ValueError, match="'b'.*0 positive"):
+        compute_pos_weight(np.array([[1, 0], [0, 0]], dtype=np.float32), ["a", "b"])
+
+
+def test_build_classifier_passes_pos_weight_to_the_loss_only_when_asked():
+    y = np.array([[1], [0], [0], [0]], dtype=np.float32)
+    m = build_classifier(tiny_cfg(IMBALANCE="pos_weight"), backbone(), y, frozen=True)
+    assert torch.equal(m.pos_weight, torch.tensor([3.0]))
+    b = batch()
+    loss_weighted = m(b)["loss"]
+    m.pos_weight = None
+    assert not torch.allclose(loss_weighted, m(b)["loss"])  # the weight changes the loss
+    assert build_classifier(tiny_cfg(IMBALANCE="none"), backbone(), y, frozen=True).pos_weight is None
+    assert "pos_weight" not in m.state_dict()  # derived from the labels, not saved
+
+
+# ------------------------------------------------------------------ frozen backbone
+def test_linear_probe_leaves_resnet_backbone_bit_identical_including_batchnorm_stats():
+    bb = backbone("resnet18", roi=32)
+    before = state(bb)
+    m = Classifier(bb, ["ICH"], freeze_backbone=True)
+    assert all(not p.requires_grad for p in m.backbone.parameters())
+    m.train()
+    assert m.training and m.head.training and not m.backbone.training
+    assert any(isinstance(x, nn.BatchNorm3d) for x in bb.modules())
+    head_before = state(m.head)
+    train_steps(m, steps=3, roi=32)
+    after = state(m.backbone)
+    assert before.keys() == after.keys()
+    for k in before:  # weights and BatchNorm running_mean / running_var / num_batches_tracked
+        assert torch.equal(before[k], after[k]), k
+    assert any(not torch.equal(head_before[k], v) for k, v in state(m.head).items())  # the head learned
+    m.check_frozen()
+    names = {n for g in param_groups(m) for n in g["names"]}
+    assert names and all(n.startswith("head.") for n in names)  # the optimizer never sees the backbone
+
+
+def test_frozen_backbone_violations_raise():
+    m = Classifier(backbone(), ["ICH"], freeze_backbone=True)
+    with torch.no_grad():
+        next(m.backbone.parameters()).add_(1e-3)
+    with pytest.raises(FrozenBackboneError, match="changed"):
+        m.check_frozen()
+    m = Classifier(backbone(), ["ICH"], freeze_backbone=True)
+    next(m.backbone.parameters()).requires_grad_(True)
+    with pytest.raises(FrozenBackboneError, match="requires grad"):
+        m.on_step_start(0, 0, 1)
+
+
+def test_checksum_sees_buffers():
+    bb = backbone("resnet18", roi=32)
+    c = backbone_checksum(bb)
+    bn = next(x for x in bb.modules() if isinstance(x, nn.BatchNorm3d))
+    bn.running_mean[0] += 1e-6
+    assert backbone_checksum(bb) != c
+
+
+def test_finetune_trains_backbone_with_head_lr_scale_and_layer_decay():
+    m = Classifier(backbone(), ["ICH"], freeze_backbone=False, head_lr_scale=10.0)
+    assert m.lr_scales() == {"head.": 10.0}
+    groups = param_groups(m, layer_decay=0.5, lr_scales=m.lr_scales())
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    depth = m.backbone.num_layers + 1
+    assert scale["head.fc.weight"] == pytest.approx(10.0)
+    assert scale["backbone.patch_embed.proj.weight"] == pytest.approx(0.5 ** depth)
+    assert scale["backbone.blocks.0.attn.qkv.weight"] == pytest.approx(0.5 ** (depth - 1))
+    before = state(m.backbone)
+    train_steps(m, steps=1)
+    assert any(not torch.equal(before[k], v) for k, v in state(m.backbone).items())
+    assert Classifier(backbone(), ["ICH"], freeze_backbone=True, head_lr_scale=10.0).lr_scales() == {}
+
+
+@pytest.mark.parametrize("name,roi", [("vit_tiny", 16), ("resnet18", 32)])
+def test_attentive_head_over_tokens_or_feature_map(name, roi):
+    m = Classifier(backbone(name, roi), ["ICH", "SDH"], head="attentive", freeze_backbone=(name == "resnet18"))
+    m.eval()
+    logits = m.logits(torch.rand(2, 1, roi, roi, roi))
+    assert logits.shape == (2, 2)
+    out = train_steps(m, steps=1, n=2, roi=roi, labels=((1.0, float("nan")), (0.0, 1.0)))
+    assert math.isfinite(out["loss"].item())
+
+
+def test_batch_of_one_trains_with_batchnorm_head_and_clear_error_for_backbone_batchnorm():
+    m = Classifier(backbone(), ["ICH"], head="linear")
+    out = train_steps(m, steps=2, n=1)  # LinearClassifier's BatchNorm1d with one sample
+    assert math.isfinite(out["loss"].item())
+    m = Classifier(backbone("resnet18", 32), ["ICH"], head="linear", freeze_backbone=True)
+    assert math.isfinite(train_steps(m, steps=1, n=1, roi=32)["loss"].item())  # frozen BN: fine
+    m = Classifier(backbone("resnet18", 32), ["ICH"], head="linear", freeze_backbone=False)
+    with pytest.raises(ValueError, match="DATA.BATCH_SIZE"):
+        train_steps(m, steps=1, n=1, roi=32)  # 1^3 feature map: BatchNorm3d cannot train
+
+
+@pytest.mark.parametrize("name,roi,patch", [("vit_tiny", 28, 4), ("vit_tiny", 96, 16), ("resnet18", 28, 8)])
+def test_small_and_large_inputs(name, roi, patch):
+    cfg = tiny_cfg(name, roi)
+    cfg.MODEL.PATCH_SIZE = [patch] * 3
+    torch.manual_seed(0)
+    m = Classifier(build_backbone(cfg), ["ICH"], head="attentive")
+    m.eval()
+    assert m.logits(torch.rand(2, 1, roi, roi, roi)).shape == (2, 1)
+
+
+def test_forward_without_labels_says_so():
+    m = Classifier(backbone(), ["ICH"])
+    with pytest.raises(ValueError, match="no 'label'"):
+        m({"image": torch.rand(2, 1, 16, 16, 16)})
+
+
+# ------------------------------------------------------------------ sampling
+def test_balanced_weights_give_classes_equal_mass():
+    y = np.array([1, 0, 0, 0, 0, 0, 0, np.nan, 0, 0])
+    w = balanced_weights(y)
+    assert w.sum() == pytest.approx(1.0)
+    assert w[y == 1].sum() == pytest.approx(w[y == 0].sum())
+    assert w[np.isnan(y)].sum() == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="positives and negatives"):
+        balanced_weights(np.zeros(5))
+
+
+def test_balanced_sampler_balances_is_seeded_and_distributed():
+    y = np.array([1.0] * 10 + [0.0] * 90)
+    w = balanced_weights(y)
+    ranks = [RandomEpochSampler(100, 4000, w, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(1)
+    draws = [np.array([i for i, e in s]) for s in ranks]
+    assert all(len(d) == 2000 == len(s) for d, s in zip(draws, ranks))
+    assert all(e == 1 for _, e in ranks[0])
+    both = np.concatenate(draws)
+    assert 0.45 < (y[both] == 1).mean() < 0.55  # balanced although 10% are positive
+    again = RandomEpochSampler(100, 4000, w, seed=3, num_replicas=2, rank=0)
+    again.set_epoch(1, start=5)
+    assert [i for i, _ in again] == list(draws[0][5:])  # same stream, resumable
+    again.set_epoch(2)
+    assert [i for i, _ in again] != list(draws[0])  # another epoch, another draw
+
+
+def test_samples_per_epoch_without_weights_is_a_permutation_pass():
+    s = RandomEpochSampler(50, 20, None, seed=0, num_replicas=1, rank=0)
+    idx = [i for i, _ in s]
+    assert len(idx) == 20 and len(set(idx)) == 20  # a random subset, no repeats
+    s = RandomEpochSampler(10, 30, None, seed=0, num_replicas=1, rank=0)
+    idx = [i for i, _ in s]
+    assert sorted(idx) == sorted(list(range(10)) * 3)  # three full passes
+
+
+def test_build_train_sampler_follows_the_config():
+    y = np.array([[1.0], [0.0], [0.0], [0.0]])
+    assert build_train_sampler(tiny_cfg(IMBALANCE="pos_weight"), y) is None  # the engine's full pass
+    s = build_train_sampler(tiny_cfg(IMBALANCE="none", SAMPLES_PER_EPOCH=12), y)
+    assert s.weights is None and len(s) == 12
+    s = build_train_sampler(tiny_cfg(IMBALANCE="balanced_sampler"), y)
+    assert s.weights is not None and len(s) == 4
+
+
+# ------------------------------------------------------------------ prediction and scoring
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"image": torch.full((1, 16, 16, 16), float(i)), "index": i}
+
+
+def test_predict_gathered_returns_every_row_once_in_order():
+    loader = DataLoader(Rows(7), batch_size=3, sampler=[6, 0, 3, 1, 5, 2, 4])
+    idx, vals = predict_gathered(lambda x: x.mean(dim=(1, 2, 3, 4))[:, None], loader, 7, torch.device("cpu"))
+    assert list(idx) == list(range(7))
+    assert np.allclose(vals[:, 0], np.arange(7))
+    dup = DataLoader(Rows(7), batch_size=3, sampler=[0, 0, 1])
+    with pytest.raises(RuntimeError, match="more than once"):
+        predict_gathered(lambda x: x[:, 0, 0, 0, :1], dup, 7, torch.device("cpu"))
+
+
+def test_validation_scorer_reports_auroc_and_score():
+    m = Classifier(backbone(), ["ICH"])
+    loader = DataLoader(Rows(6), batch_size=4)
+    labels = np.array([[0], [0], [1], [1], [0], [1]], dtype=np.float32)
+    m.train()
+    row = ValidationScorer(loader, labels, ["ICH"])(m, 0)
+    assert m.training  # restored
+    assert set(row) == {"val_loss", "val_auroc_macro", "score"}
+    assert 0.0 <= row["score"] <= 1.0 and row["score"] == row["val_auroc_macro"]
+
+
+def test_sigmoid_is_stable():
+    assert np.allclose(sigmoid(np.array([-1000.0, 0.0, 1000.0])), [0.0, 0.5, 1.0])
+
+
+def test_logistic_probe_sweeps_C_on_validation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 5))
+    y = np.stack([(x[:, 0] > 0), (x[:, 1] > 0.3)], 1).astype(np.float32)
+    y[::7, 1] = np.nan  # blank labels are left out per label
+    probe = LogisticProbe(["a", "b"], Cs=(0.01, 1.0)).fit(x[:60], y[:60], x[60:], y[60:])
+    assert probe.C in (0.01, 1.0) and len(probe.sweep) == 2
+    p = probe.predict_proba(x[60:])
+    assert p.shape == (20, 2) and ((p >= 0) & (p <= 1)).all()
+    assert max(r["val_auroc_macro"] for r in probe.sweep) > 0.9
+    sd = probe.state_dict()
+    assert sd["coef"].shape == (2, 5) and sd["labels"] == ["a", "b"]
+    with pytest.raises(ValueError, match="one class"):
+        LogisticProbe(["a"]).fit(x[:10], np.zeros((10, 1)))

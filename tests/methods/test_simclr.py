@@ -1,0 +1,251 @@
+"""SimCLR: NT-Xent against a hand computation, gathered negatives across two real processes equal
+one big batch, auxiliary-task helpers, one training step per mode and per backbone family, and
+(slow) the entry script on the phantom in every mode with a falling loss and a loadable backbone."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from config import get_defaults
+from methods.nt_xent import nt_xent, nt_xent_logits, pair_positives
+from methods.simclr import SimCLR, block_mask, masked_l1, rotate_axial
+from models.zoo import build_backbone, load_pretrained
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "methods" / "simclr_gather_worker.py"
+
+
+# ------------------------------------------------------------------------------------------ loss
+def numpy_nt_xent(z: np.ndarray, positive: list[int], t: float) -> float:
+    """Written out term by term: anchors i with positive p(i) >= 0, candidates = every other row."""
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    losses = []
+    for i, p in enumerate(positive):
+        if p < 0:
+            continue
+        sims = {k: float(z[i] @ z[k]) / t for k in range(len(z)) if k != i}
+        denom = sum(np.exp(s) for s in sims.values())
+        losses.append(-np.log(np.exp(sims[p]) / denom))
+    return float(np.mean(losses))
+
+
+def test_nt_xent_matches_hand_computation_two_views():
+    z = np.random.default_rng(0).normal(size=(6, 4))  # 3 samples x 2 views, rows b*2 + v
+    positive = pair_positives(3, 2, 2)
+    assert positive.tolist() == [1, 0, 3, 2, 5, 4]
+    got = nt_xent(torch.tensor(z), positive, 0.5).item()
+    assert got == pytest.approx(numpy_nt_xent(z, positive.tolist(), 0.5), rel=1e-5)
+
+
+def test_nt_xent_candidates_only_rows_are_negatives_not_anchors():
+    # negative_mined layout: views 0, 1 = seed crop (anchors), 2, 3 = distant crop (negatives only)
+    positive = pair_positives(2, 4, 2)
+    assert positive.tolist() == [1, 0, -1, -1, 5, 4, -1, -1]
+    z = np.random.default_rng(1).normal(size=(8, 3))
+    got = nt_xent(torch.tensor(z), positive, 0.2).item()
+    assert got == pytest.approx(numpy_nt_xent(z, positive.tolist(), 0.2), rel=1e-5)
+    logits, target = nt_xent_logits(torch.tensor(z), positive, 0.2)
+    assert logits.shape == (4, 8) and target.tolist() == [1, 0, 5, 4]
+    assert torch.isinf(logits[[0, 1, 2, 3], [0, 1, 4, 5]]).all()  # an anchor never scores itself
+
+
+def test_nt_xent_perfect_pairs_give_low_loss():
+    z = torch.eye(4).repeat_interleave(2, dim=0)  # two identical views per sample, samples orthogonal
+    assert nt_xent(z, pair_positives(4, 2, 2), 0.05).item() < 1e-6
+
+
+def test_nt_xent_rejects_bad_arguments():
+    z = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="temperature"):
+        nt_xent(z, pair_positives(2, 2, 2), 0.0)
+    with pytest.raises(ValueError, match="another row"):
+        nt_xent(z, torch.tensor([0, 0, 3, 2]), 0.1)
+    with pytest.raises(ValueError, match="no anchors"):
+        nt_xent(z, torch.full((4,), -1), 0.1)
+    with pytest.raises(ValueError, match="even"):
+        pair_positives(2, 3, 2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gathered(tmp_path_factory):
+    """One torchrun launch of two Gloo processes computing every case of GATHER_CASES."""
+    out = tmp_path_factory.mktemp("gather") / "gathered.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(WORKER), str(out), *[f"{v},{a}" for v, a in GATHER_CASES]]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return torch.load(out, weights_only=True)
+
+
+GATHER_CASES = [(2, 2), (4, 2)]  # inter / intra layout; negative_mined layout (views 2, 3 negatives only)
+
+
+@pytest.mark.parametrize("views,anchor_views", GATHER_CASES)
+def test_gathered_negatives_equal_one_big_batch(gathered, views, anchor_views):
+    """Two processes: averaged loss and gradients (as DDP) equal one process on the whole batch."""
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        from simclr_gather_worker import SAMPLES_PER_RANK, TEMPERATURE, inputs
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    assert gathered["world"] == 2
+    got = gathered[f"{views},{anchor_views}"]
+    enc, x = inputs(2, views)  # one process, the concatenated batch
+    x.requires_grad_(True)
+    loss = nt_xent(enc(x), pair_positives(2 * SAMPLES_PER_RANK, views, anchor_views), TEMPERATURE)
+    loss.backward()
+    assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
+    torch.testing.assert_close(got["grad_weight"], enc.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["grad_bias"], enc.bias.grad, rtol=1e-5, atol=1e-6)
+    # the gradient reaches every row, also through the other rank's gathered copy of it
+    torch.testing.assert_close(got["input_grad"], x.grad, rtol=1e-5, atol=1e-6)
+    assert x.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------ auxiliary tasks
+def test_rotate_axial_per_row():
+    x = torch.arange(2 * 1 * 4 * 4 * 3, dtype=torch.float32).view(2, 1, 4, 4, 3)
+    k = torch.tensor([1, 3])
+    out = rotate_axial(x, k)
+    assert torch.equal(out[0], torch.rot90(x[0], 1, dims=(1, 2)))
+    assert torch.equal(out[1], torch.rot90(x[1], 3, dims=(1, 2)))
+    assert torch.equal(rotate_axial(out, (4 - k) % 4), x)
+    with pytest.raises(ValueError, match="D == H"):
+        rotate_axial(torch.zeros(1, 1, 4, 6, 4), torch.tensor([1]))
+
+
+def test_block_mask_ratio_blocks_and_l1():
+    torch.manual_seed(0)
+    m = block_mask(3, (16, 16, 16), (4, 4, 4), 0.25, torch.device("cpu"))
+    assert m.shape == (3, 1, 16, 16, 16)
+    assert m.mean(dim=(1, 2, 3, 4)).tolist() == [0.25] * 3  # 16 of 64 blocks each
+    blocks = m[:, 0].reshape(3, 4, 4, 4, 4, 4, 4)  # constant inside each 4^3 block
+    assert torch.equal(blocks.amax(dim=(2, 4, 6)), blocks.amin(dim=(2, 4, 6)))
+    assert block_mask(1, (8, 8, 8), (4, 4, 4), 0.0, torch.device("cpu")).sum() == 64  # at least one block
+    pred, target = torch.zeros(3, 2, 16, 16, 16), torch.ones(3, 2, 16, 16, 16)
+    pred[m.expand_as(pred) == 0] = 5.0  # errors outside the mask do not count
+    assert masked_l1(pred, target, m).item() == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- one training step
+WIDTHS = {"swin": 12, "segresnet": 4, "resnet18": 8, "resnet50": 4}
+
+
+def tiny_cfg(name: str, mode: str, rotation: float = 0.0, inpaint: float = 0.0):
+    cfg = get_defaults()
+    cfg.MODEL.NAME = name
+    cfg.DATA.ROI = [32, 32, 32]
+    cfg.MODEL.PATCH_SIZE = [8, 8, 8]
+    cfg.MODEL.FEATURE_SIZE = WIDTHS.get(name, 48)
+    cfg.SIMCLR.MODE = mode
+    cfg.SIMCLR.PATCHES_PER_SCAN = 2
+    cfg.SIMCLR.PROJ_HIDDEN_DIM = 32
+    cfg.SIMCLR.PROJ_DIM = 16
+    cfg.SIMCLR.ROTATION_WEIGHT = rotation
+    cfg.SIMCLR.INPAINT_WEIGHT = inpaint
+    return cfg
+
+
+# every mode on a ViT; every backbone family in some mode; the auxiliary heads on a ViT (patch
+# decoder) and on CNNs of output stride 16 (segresnet) and 32 (resnet18)
+STEP_CASES = [("vit_tiny", "inter", 0.0, 0.0), ("vit_tiny", "intra", 1.0, 1.0), ("vit_tiny", "negative_mined", 0.0, 0.0),
+              ("swin", "inter", 0.0, 0.0), ("segresnet", "intra", 1.0, 1.0), ("resnet18", "negative_mined", 1.0, 1.0),
+              ("resnet50", "inter", 0.0, 0.0)]
+
+
+@pytest.mark.parametrize("name,mode,rotation,inpaint", STEP_CASES)
+def test_one_training_step(name, mode, rotation, inpaint):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(name, mode, rotation, inpaint)
+    method = SimCLR(cfg, build_backbone(cfg))
+    views = {"inter": 2, "intra": 4, "negative_mined": 4}[mode]
+    assert method.num_views == views
+    batch = {"views": torch.rand(2, views, 3, 32, 32, 32)}  # batch 2 (swin, resnet50 stay cheap)
+    opt = torch.optim.SGD(method.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
+    out = method(batch)
+    expected = {"loss", "contrastive", "top1"} | ({"rot_loss", "rot_acc"} if rotation else set()) \
+        | ({"inpaint_loss"} if inpaint else set())
+    assert set(out) == expected
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    # every trainable parameter takes part (DDP without find_unused_parameters needs that)
+    missing = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    opt.step()
+    assert any(not torch.equal(before[k], v) for k, v in method.backbone.state_dict().items())
+
+
+def test_configuration_errors():
+    cfg = tiny_cfg("vit_tiny", "inter")
+    cfg.SIMCLR.CROP_SIZE = [36, 32, 32]
+    with pytest.raises(ValueError, match="SIMCLR.CROP_SIZE"):
+        SimCLR(cfg, build_backbone(cfg))
+    cfg = tiny_cfg("resnet18", "inter", rotation=1.0)
+    cfg.SIMCLR.CROP_SIZE = [32, 16, 32]
+    with pytest.raises(ValueError, match="D == H"):
+        SimCLR(cfg, build_backbone(cfg))
+    method = SimCLR(tiny_cfg("resnet18", "intra"), build_backbone(tiny_cfg("resnet18", "intra")))
+    with pytest.raises(ValueError, match=r"\[B, 4, C, 32, 32, 32\]"):
+        method({"views": torch.rand(2, 2, 3, 32, 32, 32)})
+
+
+@pytest.mark.parametrize("path", ["configs/simclr/vit_base.yaml", "configs/simclr/segresnet.yaml",
+                                  "configs/demo/simclr.yaml"])
+def test_shipped_configs_build(path):
+    from config import get_config
+    from data.views import SimCLRViews
+    cfg = get_config(["--cfg", str(ROOT / path)])
+    view = SimCLRViews(cfg)
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        method = SimCLR(cfg, build_backbone(cfg))
+    assert method.num_views == view.num_views and method.crop == view.crop
+
+
+# ------------------------------------------------------------------------ end to end (slow)
+def _epoch_losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "epoch_s" in r]
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom")
+    r = subprocess.run([sys.executable, "-m", "data.phantom", "--out", str(out), "--n", "16", "--size", "32"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["inter", "intra", "negative_mined"])
+def test_entry_script_loss_falls_and_backbone_loads(tmp_path, phantom, mode):
+    out = tmp_path / "run"
+    opts = ["OUTPUT", str(out), "DATA.TRAIN_CSV", str(phantom / "train.csv"), "DATA.VAL_CSV", "",
+            "SIMCLR.MODE", mode, "DATA.SPACING", "[8.0, 8.0, 8.0]", "DATA.ROI", "[16, 16, 16]",
+            "SIMCLR.CROP_SIZE", "[16, 16, 16]", "DATA.NUM_WORKERS", "0", "DATA.BATCH_SIZE", "2",
+            "TRAIN.EPOCHS", "6", "TRAIN.LOG_EVERY", "100", "MODEL.NAME", "resnet18", "MODEL.FEATURE_SIZE", "8"]
+    r = subprocess.run([sys.executable, "main_pretrain_simclr.py", "--cfg", "configs/demo/simclr.yaml", "--opts",
+                        *opts], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    losses = _epoch_losses(out)
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < losses[0] - 0.05, losses  # (deterministic: one thread, no workers)
+    cfg = get_defaults()
+    cfg.MODEL.NAME, cfg.MODEL.FEATURE_SIZE, cfg.DATA.ROI = "resnet18", 8, [16, 16, 16]
+    report = load_pretrained(build_backbone(cfg), str(out / "backbone.pth"), min_fraction=1.0)
+    assert report["fraction"] == 1.0 and report["prefix"] == ""
