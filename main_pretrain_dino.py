@@ -12,9 +12,11 @@ from methods.dino import DINO, KNNMonitor
 
 
 def build_view(cfg, train: bool) -> DINOViews:
-    """Multi-crop views (training and validation alike); on CUDA the windowing runs batched on the
-    GPU (``device_stage``: the workers hand over float16 HU crops, DINO.forward windows them)."""
-    return DINOViews(cfg, device_stage=torch.cuda.is_available())
+    """Multi-crop views (training and validation alike); on CUDA the resizing and windowing run
+    batched on the GPU (``device_stage`` + ``device_resize``: the workers hand over the head and the
+    crop boxes, DINO.forward cuts, resizes and windows them)."""
+    cuda = torch.cuda.is_available()
+    return DINOViews(cfg, device_stage=cuda, device_resize=cuda)
 
 
 def main(argv=None) -> None:

@@ -116,17 +116,24 @@ class VolumeDataset(Dataset):
         return sample
 
 
+RAGGED_KEYS = ("hu",)  # tensors whose shape differs between samples (device-resize heads): kept as lists
+
+
 def collate(samples: Sequence[dict]) -> dict[str, Any]:
     """DataLoader ``collate_fn``: tensors default-collated (``[B, ...]``), ``"id"`` a list of str,
-    ``"skipped"`` one flat list of ``(path, reason)`` over the batch.
+    ``"skipped"`` one flat list of ``(path, reason)`` over the batch, :data:`RAGGED_KEYS` lists of
+    tensors.
 
     Args:
         samples: dicts from :class:`VolumeDataset`.
     """
-    lists = ("id", "skipped")
+    lists = ("id", "skipped") + RAGGED_KEYS
     batch = default_collate([{k: v for k, v in s.items() if k not in lists} for s in samples])
     batch["id"] = [s["id"] for s in samples]
     batch["skipped"] = [tuple(x) for s in samples for x in s.get("skipped", ())]
+    for key in RAGGED_KEYS:
+        if key in samples[0]:
+            batch[key] = [s[key] for s in samples]
     return batch
 
 

@@ -503,7 +503,7 @@ class DINOViews:
             for key in ("global_box", "local_box"):
                 out[key][:, 0:3] -= lo  # relative to the shipped part
             region = hu[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]  # only this part is read
-            out["hu"] = torch.from_numpy(np.ascontiguousarray(region))  # [X', Y', Z'], the cache's dtype
+            out["hu"] = torch.from_numpy(np.array(region))  # [X', Y', Z'], a copy in the cache's dtype
         return out  # {"global": [G, C, *ROI], "local": [L, C, *local]} (+ "_aug" entries on the device path)
 
     def batch_transform(self, batch: dict) -> dict:

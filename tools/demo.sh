@@ -5,7 +5,8 @@
 #   bash tools/demo.sh [OUTDIR]          (default outputs/demo; run from anywhere)
 #
 # A few minutes on two CPU cores. Knobs (environment): DEMO_N (phantom volumes, default 96),
-# DEMO_MAE_EPOCHS (default 20), DEMO_FT_EPOCHS (fine-tuning epochs, default 6), PYTHON.
+# DEMO_MAE_EPOCHS (default: configs/demo/mae.yaml's), DEMO_FT_EPOCHS (fine-tuning epochs, default 4),
+# PYTHON.
 # Running it again reuses finished runs (TRAIN.RESUME auto) and regenerates the same phantom.
 set -euo pipefail
 
@@ -14,8 +15,9 @@ OUT="${1:-outputs/demo}"
 PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY="$(command -v python3)"
 N="${DEMO_N:-96}"
-MAE_EPOCHS="${DEMO_MAE_EPOCHS:-20}"
-FT_EPOCHS="${DEMO_FT_EPOCHS:-6}"
+MAE_OPTS=()
+[ -n "${DEMO_MAE_EPOCHS:-}" ] && MAE_OPTS=(TRAIN.EPOCHS "$DEMO_MAE_EPOCHS")
+FT_EPOCHS="${DEMO_FT_EPOCHS:-4}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 P="$OUT/phantom"
 DATA=(DATA.TRAIN_CSV "$P/train.csv" DATA.VAL_CSV "$P/val.csv" DATA.TEST_CSV "$P/test.csv")
@@ -25,9 +27,8 @@ stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 stamp "1/4 phantom: $N synthetic head CTs with ICH labels -> $P"
 "$PY" -m data.phantom --out "$P" --n "$N"
 
-stamp "2/4 MAE pretraining of a ViT-tiny ($MAE_EPOCHS epochs) -> $OUT/mae"
-"$PY" main_pretrain_mae.py --cfg configs/demo/mae.yaml --opts OUTPUT "$OUT/mae" "${DATA[@]}" \
-    TRAIN.EPOCHS "$MAE_EPOCHS"
+stamp "2/4 MAE pretraining of a ViT-tiny -> $OUT/mae"
+"$PY" main_pretrain_mae.py --cfg configs/demo/mae.yaml --opts OUTPUT "$OUT/mae" "${DATA[@]}" ${MAE_OPTS[@]+"${MAE_OPTS[@]}"}
 
 stamp "3/4 linear probes on cached features: pretrained -> $OUT/linear, random init -> $OUT/linear_random"
 "$PY" main_downstream.py --cfg configs/demo/downstream.yaml --opts OUTPUT "$OUT/linear" "${DATA[@]}" \
