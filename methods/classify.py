@@ -447,7 +447,7 @@ class LogisticProbe:
     """Standardised features -> one L2-regularised logistic regression per label (scikit-learn).
 
     ``C`` is chosen from a small sweep by validation macro AUROC (ties: the smaller C, i.e. the
-    stronger regularisation); without validation data ``C = 1``.
+    stronger regularisation); without validation data (or without a defined validation AUROC) ``C = 1``.
 
     Args:
         label_names: the L labels.
@@ -507,6 +507,9 @@ class LogisticProbe:
             score = -math.inf if auc is None else auc
             if score > best or self.C is None:
                 best, self.C, keep = score, C, (coef, intercept)
+        if best == -math.inf:  # validation has one class only: no AUROC to choose by
+            self.C = 1.0
+            keep = self._fit_C(xs, y, self.C)
         self.coef, self.intercept = keep
         return self
 

@@ -283,3 +283,13 @@ def test_logistic_probe_sweeps_C_on_validation():
     assert sd["coef"].shape == (2, 5) and sd["labels"] == ["a", "b"]
     with pytest.raises(ValueError, match="one class"):
         LogisticProbe(["a"]).fit(x[:10], np.zeros((10, 1)))
+
+
+def test_logistic_probe_falls_back_to_C_1_when_validation_has_one_class():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 4))
+    y = (x[:, :1] > 0).astype(np.float32)
+    probe = LogisticProbe(["a"], Cs=(0.01, 10.0)).fit(x[:40], y[:40], x[40:], np.zeros((10, 1)))
+    assert probe.C == 1.0 and all(r["val_auroc_macro"] is None for r in probe.sweep)
+    ref = LogisticProbe(["a"]).fit(x[:40], y[:40])
+    assert np.allclose(probe.coef, ref.coef) and np.allclose(probe.intercept, ref.intercept)

@@ -161,8 +161,9 @@ def tiny_cfg(name: str, mode: str, rotation: float = 0.0, inpaint: float = 0.0):
 
 # every mode on a ViT; every backbone family in some mode; the auxiliary heads on a ViT (patch
 # decoder) and on CNNs of output stride 16 (segresnet) and 32 (resnet18)
-STEP_CASES = [("vit_tiny", "inter", 0.0, 0.0), ("vit_tiny", "intra", 1.0, 1.0), ("vit_tiny", "negative_mined", 0.0, 0.0),
-              ("swin", "inter", 0.0, 0.0), ("segresnet", "intra", 1.0, 1.0), ("resnet18", "negative_mined", 1.0, 1.0),
+STEP_CASES = [("vit_tiny", "inter", 0.0, 0.0), ("vit_tiny", "intra", 1.0, 1.0),
+              ("vit_tiny", "negative_mined", 0.0, 0.0), ("swin", "inter", 0.0, 0.0),
+              ("segresnet", "intra", 1.0, 1.0), ("resnet18", "negative_mined", 1.0, 1.0),
               ("resnet50", "inter", 0.0, 0.0)]
 
 
