@@ -101,6 +101,7 @@ _C.DINO.LOCAL_CROP_SCALE = [0.05, 0.4]  # same for local crops
 _C.DINO.OUT_DIM = 65536  # prototypes of the DINO head
 _C.DINO.HEAD_HIDDEN_DIM = 2048  # DINO head MLP width
 _C.DINO.HEAD_BOTTLENECK_DIM = 256  # DINO head bottleneck before the weight-normalised layer
+_C.DINO.HEAD_BN = False  # BatchNorm (batch statistics) in the DINO head MLP; keeps small homogeneous sets from collapsing
 _C.DINO.NORM_LAST_LAYER = True  # fix the norm of the last layer's weights (stabler for ViTs)
 _C.DINO.MOMENTUM_TEACHER = 0.996  # EMA momentum at iteration 0, cosine to MOMENTUM_TEACHER_END
 _C.DINO.MOMENTUM_TEACHER_END = 1.0

@@ -171,7 +171,7 @@ class DINO(nn.Module):
         d = cfg.DINO
         self.backbone = backbone
         self.head = DINOHead(backbone.embed_dim, int(d.OUT_DIM), int(d.HEAD_HIDDEN_DIM), int(d.HEAD_BOTTLENECK_DIM),
-                             norm_last_layer=bool(d.NORM_LAST_LAYER))
+                             norm_last_layer=bool(d.NORM_LAST_LAYER), use_bn=bool(d.HEAD_BN))
         self.ibot_weight = float(d.IBOT_WEIGHT)
         self.koleo_weight = float(d.KOLEO_WEIGHT)
         self.ibot_mask_ratio = tuple(float(r) for r in d.IBOT_MASK_RATIO)
@@ -181,7 +181,8 @@ class DINO(nn.Module):
                                  f"(MODEL.NAME vit_*, built by models.zoo.build_backbone); got "
                                  f"{type(backbone).__name__}")
             self.ibot_head = DINOHead(backbone.token_dim, int(d.OUT_DIM), int(d.HEAD_HIDDEN_DIM),
-                                      int(d.HEAD_BOTTLENECK_DIM), norm_last_layer=bool(d.NORM_LAST_LAYER))
+                                      int(d.HEAD_BOTTLENECK_DIM), norm_last_layer=bool(d.NORM_LAST_LAYER),
+                                      use_bn=bool(d.HEAD_BN))
         self._check_local_size(cfg)
 
         teacher = {"backbone": copy.deepcopy(backbone), "head": copy.deepcopy(self.head)}

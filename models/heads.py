@@ -31,19 +31,27 @@ class DINOHead(nn.Module):
         bottleneck_dim: width before the last layer (``DINO.HEAD_BOTTLENECK_DIM``).
         nlayers: Linear layers of the MLP (>= 1); GELU between them.
         norm_last_layer: fix the last layer's weight norm to 1 (``DINO.NORM_LAST_LAYER``).
+        use_bn: BatchNorm1d after each hidden Linear (``DINO.HEAD_BN``, DINO's ``use_bn``). It uses the
+            statistics of the batch it sees, in training and evaluation alike (no running buffers:
+            nothing to average across ranks or to copy into the teacher), so it needs more than one
+            sample per forward. It re-scales the part of the features that varies across the batch,
+            which keeps a small, homogeneous dataset from collapsing to a constant output.
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, norm_last_layer: bool = True) -> None:
+                 nlayers: int = 3, norm_last_layer: bool = True, use_bn: bool = False) -> None:
         super().__init__()
         if nlayers < 1:
             raise ValueError(f"nlayers = {nlayers}; it must be >= 1")
         if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:
-            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            def hidden(width_in: int) -> list[nn.Module]:
+                bn = [nn.BatchNorm1d(hidden_dim, track_running_stats=False)] if use_bn else []
+                return [nn.Linear(width_in, hidden_dim), *bn, nn.GELU()]
+            layers: list[nn.Module] = hidden(in_dim)
             for _ in range(nlayers - 2):
-                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+                layers += hidden(hidden_dim)
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
         _trunc_normal_init(self.mlp)
@@ -56,8 +64,9 @@ class DINOHead(nn.Module):
         g.requires_grad = not norm_last_layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in_dim]`` -> logits ``[B, out_dim]``."""
-        x = self.mlp(x)
+        """``[..., in_dim]`` -> logits ``[..., out_dim]`` (BatchNorm pools every leading position)."""
+        lead = x.shape[:-1]
+        x = self.mlp(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
         x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
         return self.last_layer(x)
 
