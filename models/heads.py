@@ -31,11 +31,13 @@ class DINOHead(nn.Module):
         bottleneck_dim: width before the last layer (``DINO.HEAD_BOTTLENECK_DIM``).
         nlayers: Linear layers of the MLP (>= 1); GELU between them.
         norm_last_layer: fix the last layer's weight norm to 1 (``DINO.NORM_LAST_LAYER``).
-        use_bn: BatchNorm1d after each hidden Linear (``DINO.HEAD_BN``, DINO's ``use_bn``). It uses the
-            statistics of the batch it sees, in training and evaluation alike (no running buffers:
-            nothing to average across ranks or to copy into the teacher), so it needs more than one
-            sample per forward. It re-scales the part of the features that varies across the batch,
-            which keeps a small, homogeneous dataset from collapsing to a constant output.
+        use_bn: BatchNorm1d after each hidden Linear (``DINO.HEAD_BN``, as DINO's ``use_bn``) and,
+            without affine parameters, on the bottleneck (as MoCo v3's projector). They use the
+            statistics of the batch they see, in training and evaluation alike (no running buffers:
+            nothing to average across ranks or to copy into the teacher), so a forward needs more
+            than one sample. They rescale the part of the features that varies across the batch and
+            centre the bottleneck, which keeps a small, homogeneous dataset from collapsing to one
+            output for every scan.
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
@@ -53,6 +55,8 @@ class DINOHead(nn.Module):
             for _ in range(nlayers - 2):
                 layers += hidden(hidden_dim)
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            if use_bn:  # as MoCo v3's projector: the bottleneck centred and scaled over the batch
+                layers.append(nn.BatchNorm1d(bottleneck_dim, affine=False, track_running_stats=False))
             self.mlp = nn.Sequential(*layers)
         _trunc_normal_init(self.mlp)
         last = nn.Linear(bottleneck_dim, out_dim, bias=False)

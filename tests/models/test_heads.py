@@ -34,12 +34,14 @@ def test_dino_head_batchnorm_uses_batch_statistics_and_token_inputs():
     torch.manual_seed(0)
     head = DINOHead(32, 100, hidden_dim=64, bottleneck_dim=16, use_bn=True)
     assert not list(head.buffers())  # no running statistics: nothing to sync across ranks or EMA
-    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules()) == 2
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules()) == 3  # 2 hidden + bottleneck
     # features = a large shared part + a small per-sample part (a near-collapsed backbone)
     x = 5.0 * torch.randn(1, 32) + 0.01 * torch.randn(8, 32)
     plain = DINOHead(32, 100, hidden_dim=64, bottleneck_dim=16)
     spread = lambda h: h(x).std(0).mean().item()  # noqa: E731
     assert spread(head) > 100 * spread(plain)
+    z = head.mlp(x)  # [8, 16] bottleneck: centred over the batch, so never one shared direction
+    assert torch.allclose(z.mean(0), torch.zeros(16), atol=1e-5)
     head.eval()  # evaluation uses the batch's statistics too
     assert torch.allclose(head(x), head.train()(x), atol=1e-6)
     tokens = torch.randn(2, 5, 32)  # [B, N, D] patch tokens (iBOT): BatchNorm over all B * N
