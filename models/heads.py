@@ -45,19 +45,17 @@ class DINOHead(nn.Module):
         super().__init__()
         if nlayers < 1:
             raise ValueError(f"nlayers = {nlayers}; it must be >= 1")
-        if nlayers == 1:
-            self.mlp = nn.Linear(in_dim, bottleneck_dim)
-        else:
-            def hidden(width_in: int) -> list[nn.Module]:
-                bn = [nn.BatchNorm1d(hidden_dim, track_running_stats=False)] if use_bn else []
-                return [nn.Linear(width_in, hidden_dim), *bn, nn.GELU()]
-            layers: list[nn.Module] = hidden(in_dim)
-            for _ in range(nlayers - 2):
-                layers += hidden(hidden_dim)
-            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
-            if use_bn:  # as MoCo v3's projector: the bottleneck centred and scaled over the batch
-                layers.append(nn.BatchNorm1d(bottleneck_dim, affine=False, track_running_stats=False))
-            self.mlp = nn.Sequential(*layers)
+        def hidden(width_in: int) -> list[nn.Module]:
+            bn = [nn.BatchNorm1d(hidden_dim, track_running_stats=False)] if use_bn else []
+            return [nn.Linear(width_in, hidden_dim), *bn, nn.GELU()]
+        layers: list[nn.Module] = []
+        for i in range(nlayers - 1):
+            layers += hidden(in_dim if i == 0 else hidden_dim)
+        layers.append(nn.Linear(hidden_dim if nlayers > 1 else in_dim, bottleneck_dim))
+        if use_bn:  # as MoCo v3's projector: the bottleneck centred and scaled over the batch
+            layers.append(nn.BatchNorm1d(bottleneck_dim, affine=False, track_running_stats=False))
+        self.mlp = layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+        self.use_bn = bool(use_bn)
         _trunc_normal_init(self.mlp)
         last = nn.Linear(bottleneck_dim, out_dim, bias=False)
         nn.init.trunc_normal_(last.weight, std=0.02)
@@ -70,7 +68,11 @@ class DINOHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., in_dim]`` -> logits ``[..., out_dim]`` (BatchNorm pools every leading position)."""
         lead = x.shape[:-1]
-        x = self.mlp(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
+        x = x.reshape(-1, x.shape[-1])
+        if self.use_bn and x.shape[0] < 2:
+            raise ValueError(f"DINO head with BatchNorm (DINO.HEAD_BN) got {x.shape[0]} feature vector(s); "
+                             "batch statistics need at least 2 per forward (raise DATA.BATCH_SIZE)")
+        x = self.mlp(x).reshape(*lead, -1)
         x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
         return self.last_layer(x)
 

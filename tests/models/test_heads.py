@@ -47,6 +47,10 @@ def test_dino_head_batchnorm_uses_batch_statistics_and_token_inputs():
     tokens = torch.randn(2, 5, 32)  # [B, N, D] patch tokens (iBOT): BatchNorm over all B * N
     assert head(tokens).shape == (2, 5, 100)
     assert torch.allclose(head(tokens), head(tokens.reshape(10, 32)).reshape(2, 5, 100), atol=1e-6)
+    with pytest.raises(ValueError, match="DINO.HEAD_BN"):
+        head(torch.randn(1, 32))  # one vector: no batch statistics (would silently give zeros)
+    one = DINOHead(32, 10, nlayers=1, use_bn=True)
+    assert isinstance(one.mlp[-1], torch.nn.BatchNorm1d) and one(torch.randn(3, 32)).shape == (3, 10)
 
 
 def test_dino_head_deepcopy_and_state_dict_round_trip():
