@@ -195,9 +195,15 @@ def fit_cached(cfg, manifests: dict, feats: dict, train_rows: Optional[np.ndarra
                               seed=cfg.SEED).fit(x, train_m.labels[idx], *val_args)
         for i, row in enumerate(probe.sweep):
             log.metrics(row, tb_step=i, tb_prefix="sweep")
-        log.info(f"C = {probe.C} chosen" + (" by validation macro AUROC: " + ", ".join(
-            f"C {r['C']:g}: {r['val_auroc_macro'] if r['val_auroc_macro'] is None else round(r['val_auroc_macro'], 4)}"
-            for r in probe.sweep) if probe.sweep else " (no validation set)"))
+        if not probe.sweep:
+            how = " (no validation set)"
+        elif all(r["val_auroc_macro"] is None for r in probe.sweep):
+            how = " (validation AUROC undefined: the validation labels have one class only)"
+        else:
+            how = " by validation macro AUROC: " + ", ".join(
+                f"C {r['C']:g}: {r['val_auroc_macro'] if r['val_auroc_macro'] is None else round(r['val_auroc_macro'], 4)}"
+                for r in probe.sweep)
+        log.info(f"C = {probe.C} chosen{how}")
         ckpt.atomic_save(probe.state_dict(), os.path.join(cfg.OUTPUT, "probe.pth"))
         parts = {s: (manifests[s], feats[s][0], probe.predict_proba(feats[s][1]))
                  for s in ("val", "test") if s in feats}

@@ -497,8 +497,9 @@ class LogisticProbe:
             return self
         best = -math.inf
         self.sweep, self.C = [], None
+        fits = {}
         for C in self.Cs:
-            coef, intercept = self._fit_C(xs, y, C)
+            coef, intercept = fits[C] = self._fit_C(xs, y, C)
             self.coef, self.intercept = coef, intercept
             m = multilabel_metrics(np.asarray(val_y, dtype=np.float64).reshape(len(val_x), -1),
                                    self.predict_proba(val_x), self.names, n_bootstrap=0)
@@ -509,7 +510,7 @@ class LogisticProbe:
                 best, self.C, keep = score, C, (coef, intercept)
         if best == -math.inf:  # validation has one class only: no AUROC to choose by
             self.C = 1.0
-            keep = self._fit_C(xs, y, self.C)
+            keep = fits.get(self.C) or self._fit_C(xs, y, self.C)
         self.coef, self.intercept = keep
         return self
 
