@@ -124,6 +124,9 @@ _C.SIMCLR.MODE = "inter"  # 'inter' (between scans) | 'intra' (patches of one sc
 _C.SIMCLR.TEMPERATURE = 0.1  # NT-Xent temperature
 _C.SIMCLR.CROP_SIZE = []  # [D, H, W] of the views; [] = DATA.ROI
 _C.SIMCLR.CROP_SCALE = [0.3, 1.0]  # random resized crop: volume fraction of the source region
+# random resized crop: largest per-axis side ratio of a view's box (log-uniform in [1/a, a]); 1 = no
+# stretching. In 'inter' mode a head's proportions are part of what tells it from other heads.
+_C.SIMCLR.CROP_ASPECT = 4.0 / 3.0
 _C.SIMCLR.PATCHES_PER_SCAN = 4  # patches per scan in 'intra' mode
 _C.SIMCLR.PROJ_DIM = 128  # projection head output
 _C.SIMCLR.PROJ_HIDDEN_DIM = 2048  # projection head hidden width
@@ -240,6 +243,8 @@ def validate(cfg: CN) -> None:
         v = _get(cfg, key)
         if len(v) != 2 or not 0 < v[0] <= v[1] <= 1:
             raise ConfigError(f"{key} = {list(v)}; expected [low, high] with 0 < low <= high <= 1")
+    if cfg.SIMCLR.CROP_ASPECT < 1:
+        raise ConfigError(f"SIMCLR.CROP_ASPECT = {cfg.SIMCLR.CROP_ASPECT!r}; it must be >= 1 (1 = no stretching)")
     if cfg.MODEL.NAME.startswith("vit_"):
         roi, patch = list(cfg.DATA.ROI), list(cfg.MODEL.PATCH_SIZE)
         if any(r % p for r, p in zip(roi, patch)):

@@ -772,12 +772,13 @@ class SimCLRViews:
       (:func:`sample_negative_center`). A coordinate outside the array raises BadInputError.
 
     Each view is a random resized crop of its region (:func:`sample_crop_box` with
-    ``SIMCLR.CROP_SCALE`` = volume fraction of the region, aspect jitter ``max_aspect``), cut from
-    the HU array (int16 memmap: only that box is read; air outside the array), flipped, resampled
-    to ``CROP_SIZE`` (trilinear, the crop only), blurred, noised, intensity scaled and shifted,
-    windowed (``DATA.WINDOWS``) and histogram shifted (``augment``). With ``CROP_SCALE [1, 1]`` and
-    ``max_aspect 1`` a view is its whole region (the seed voxel at index ``CROP_SIZE // 2``).
-    Only ``rng`` is drawn from. After ``data.datasets.collate``: ``[B, V, C, D, H, W]``.
+    ``SIMCLR.CROP_SCALE`` = volume fraction of the region and ``SIMCLR.CROP_ASPECT`` = largest
+    per-axis side ratio), cut from the HU array (int16 memmap: only that box is read; air outside
+    the array), flipped, resampled to ``CROP_SIZE`` (trilinear, the crop only), blurred, noised,
+    intensity scaled and shifted, windowed (``DATA.WINDOWS``) and histogram shifted (``augment``).
+    With ``CROP_SCALE [1, 1]`` and ``CROP_ASPECT 1`` a view is its whole region (the seed voxel at
+    index ``CROP_SIZE // 2``). Only ``rng`` is drawn from. After ``data.datasets.collate``:
+    ``[B, V, C, D, H, W]``.
 
     Device stage (``device_stage=True``, for GPU training; issue 11): the workers stop after the
     resize and return ``{"views": float16 HU [V, *CROP_SIZE], "views_aug": [V, 11], "views_hist":
@@ -790,15 +791,14 @@ class SimCLRViews:
 
     Args:
         cfg: the config (SIMCLR.MODE, SIMCLR.CROP_SIZE ([] = DATA.ROI), SIMCLR.CROP_SCALE,
-            SIMCLR.PATCHES_PER_SCAN, DATA.WINDOWS, DATA.HEAD_THRESHOLD).
+            SIMCLR.CROP_ASPECT, SIMCLR.PATCHES_PER_SCAN, DATA.WINDOWS, DATA.HEAD_THRESHOLD).
         train: unused (see above).
         augment: per-view augmentation.
-        max_aspect: per-axis aspect jitter of the crop boxes (1 = boxes shaped like CROP_SIZE).
         device_stage: leave filtering and windowing to :func:`simclr_batch_transform` (attribute).
     """
 
     def __init__(self, cfg, train: bool = True, augment: SimCLRAugment = SIMCLR_AUGMENT,
-                 max_aspect: float = DINO_MAX_ASPECT, device_stage: bool = False):
+                 device_stage: bool = False):
         self.device_stage = bool(device_stage)
         self.mode = str(cfg.SIMCLR.MODE)
         if self.mode not in ("inter", "intra", "negative_mined"):
@@ -813,7 +813,9 @@ class SimCLRViews:
         self.specs = window_specs(list(cfg.DATA.WINDOWS))
         self.head_threshold = float(cfg.DATA.HEAD_THRESHOLD)
         self.augment = augment
-        self.max_aspect = float(max_aspect)
+        self.max_aspect = float(cfg.SIMCLR.CROP_ASPECT)
+        if self.max_aspect < 1:
+            raise ValueError(f"SIMCLR.CROP_ASPECT = {self.max_aspect}; it must be >= 1 (1 = no stretching)")
         self.num_views = views_per_scan(self.mode, self.patches)
 
     def regions(self, hu: np.ndarray, meta: Optional[dict], rng: np.random.Generator

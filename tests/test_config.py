@@ -58,6 +58,7 @@ def test_list_of_bases_later_wins(tmp_path):
     (["DATA.ON_ERROR", "ignore"], "DATA.ON_ERROR"),
     (["MODEL.NAME", "vit_huge"], "MODEL.NAME"),
     (["MAE.MASK_RATIO", "1.5"], "MAE.MASK_RATIO"),
+    (["SIMCLR.CROP_ASPECT", "0.75"], "SIMCLR.CROP_ASPECT"),
 ])
 def test_contradictions_name_key_and_value(opts, key):
     with pytest.raises(ConfigError) as e:

@@ -13,8 +13,9 @@ from data.views import (SIMCLR_AUGMENT, SimCLRAugment, SimCLRViews, histogram_sh
 PLAIN = SimCLRAugment(flip_p=0.0, intensity_p=0.0, gamma_p=0.0, blur_p=0.0, noise_p=0.0, hist_p=0.0)
 
 
-def cfg_for(mode: str, crop=(16, 16, 16), scale=(0.3, 1.0), patches: int = 3):
+def cfg_for(mode: str, crop=(16, 16, 16), scale=(0.3, 1.0), patches: int = 3, aspect: float = 4 / 3):
     cfg = get_defaults()
+    cfg.SIMCLR.CROP_ASPECT = aspect
     cfg.SIMCLR.MODE = mode
     cfg.SIMCLR.CROP_SIZE = list(crop)
     cfg.SIMCLR.CROP_SCALE = list(scale)
@@ -52,6 +53,21 @@ def test_shapes_range_and_determinism(mode, views):
     assert not torch.equal(x[0], x[1])  # the two views of a pair differ
 
 
+def test_crop_aspect_sets_how_far_views_are_stretched():
+    """SIMCLR.CROP_ASPECT 1: whole-region views of a cube are the cube itself, identical for every
+    draw; above 1 the boxes' sides are stretched (and cut to the array) differently per draw."""
+    hu = head((32, 32, 32))
+    whole = SimCLRViews(cfg_for("inter", scale=(1.0, 1.0), aspect=1.0), augment=PLAIN)
+    x = whole(hu, meta_for(hu), np.random.default_rng(0))["views"]
+    assert torch.equal(x[0], x[1])
+    assert torch.equal(x[0], whole(hu, meta_for(hu), np.random.default_rng(1))["views"][0])
+    stretched = SimCLRViews(cfg_for("inter", scale=(1.0, 1.0), aspect=4 / 3), augment=PLAIN)
+    y = stretched(hu, meta_for(hu), np.random.default_rng(0))["views"]
+    assert not torch.equal(y[0], y[1]) and not torch.equal(y[0], x[0])
+    with pytest.raises(ValueError, match="SIMCLR.CROP_ASPECT"):
+        SimCLRViews(cfg_for("inter", aspect=0.5))
+
+
 def test_global_rng_is_untouched():
     np.random.seed(3)
     torch.manual_seed(3)
@@ -81,7 +97,7 @@ def test_seed_point_crop_is_centred_on_the_world_point(voxel):
     world = (affine @ np.array([*voxel, 1.0]))[:3]
     np.testing.assert_allclose(world_to_voxel(affine, world), voxel, atol=1e-9)
     crop = (12, 10, 14)
-    view = SimCLRViews(cfg_for("negative_mined", crop=crop, scale=(1.0, 1.0)), augment=PLAIN, max_aspect=1.0)
+    view = SimCLRViews(cfg_for("negative_mined", crop=crop, scale=(1.0, 1.0), aspect=1.0), augment=PLAIN)
     x = view(hu, meta_for(hu, coord=world, affine=affine), np.random.default_rng(5))["views"]  # [4, C, *crop]
     bone = x[:, 1]
     for v in (0, 1):  # both views of the seed crop: the marker at index crop // 2

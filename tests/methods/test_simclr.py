@@ -1,6 +1,7 @@
 """SimCLR: NT-Xent against a hand computation, gathered negatives across two real processes equal
 one big batch, auxiliary-task helpers, one training step per mode and per backbone family, and
-(slow) the entry script on the phantom in every mode with a falling loss and a loadable backbone."""
+(slow) the entry script on the phantom in every mode with a loss falling below chance and a loadable
+backbone."""
 import json
 import os
 import socket
@@ -222,31 +223,41 @@ def _epoch_losses(out: Path) -> list[float]:
     return [r["loss"] for r in rows if "epoch_s" in r]
 
 
+def _chance_loss(mode: str, batch: int, patches: int) -> float:
+    """NT-Xent when every candidate scores the same (a collapsed encoder): log(views in the batch - 1)."""
+    views = {"inter": 2, "intra": 2 * patches, "negative_mined": 4}[mode]
+    return float(np.log(batch * views - 1))
+
+
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
+def demo_phantom(tmp_path_factory):
+    """The phantom of ``make demo`` (96 scans of 64^3, 59 for training): the data the demo config's
+    claim is about."""
+    from data.phantom import write_dataset
     out = tmp_path_factory.mktemp("phantom")
-    r = subprocess.run([sys.executable, "-m", "data.phantom", "--out", str(out), "--n", "16", "--size", "32"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+    write_dataset(out, n=96, size=64, seed=0)
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["inter", "intra", "negative_mined"])
-def test_entry_script_loss_falls_and_backbone_loads(tmp_path, phantom, mode):
+def test_demo_config_loss_falls_below_chance_and_backbone_loads(tmp_path, demo_phantom, mode):
+    """configs/demo/simclr.yaml as shipped (vit_tiny, 4 epochs of 14 steps), in every mode."""
     out = tmp_path / "run"
-    opts = ["OUTPUT", str(out), "DATA.TRAIN_CSV", str(phantom / "train.csv"), "DATA.VAL_CSV", "",
-            "SIMCLR.MODE", mode, "DATA.SPACING", "[8.0, 8.0, 8.0]", "DATA.ROI", "[16, 16, 16]",
-            "SIMCLR.CROP_SIZE", "[16, 16, 16]", "DATA.NUM_WORKERS", "0", "DATA.BATCH_SIZE", "2",
-            "TRAIN.EPOCHS", "6", "TRAIN.LOG_EVERY", "100", "MODEL.NAME", "resnet18", "MODEL.FEATURE_SIZE", "8"]
+    opts = ["OUTPUT", str(out), "DATA.TRAIN_CSV", str(demo_phantom / "train.csv"), "DATA.VAL_CSV", "",
+            "SIMCLR.MODE", mode, "DATA.NUM_WORKERS", "0", "TRAIN.LOG_EVERY", "100"]
     r = subprocess.run([sys.executable, "main_pretrain_simclr.py", "--cfg", "configs/demo/simclr.yaml", "--opts",
                         *opts], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     losses = _epoch_losses(out)
-    assert len(losses) == 6 and all(np.isfinite(losses))
-    assert np.mean(losses[-2:]) < losses[0] - 0.05, losses  # (deterministic: one thread, no workers)
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    # Below chance, not only below the first epoch: a loss that starts above chance also "falls"
+    # when the encoder collapses to one output for every view. (Measured with seeds 0-2: inter ends
+    # at 1.47-1.57 against chance 1.95; intra and negative_mined far lower.)
+    chance = _chance_loss(mode, batch=4, patches=2)  # the demo config's DATA.BATCH_SIZE, PATCHES_PER_SCAN
+    assert losses[-1] < min(losses[0], chance) - 0.15, (losses, chance)
     cfg = get_defaults()
-    cfg.MODEL.NAME, cfg.MODEL.FEATURE_SIZE, cfg.DATA.ROI = "resnet18", 8, [16, 16, 16]
+    cfg.MODEL.NAME, cfg.MODEL.PATCH_SIZE, cfg.DATA.ROI = "vit_tiny", [8, 8, 8], [48, 48, 48]
     report = load_pretrained(build_backbone(cfg), str(out / "backbone.pth"), min_fraction=1.0)
     assert report["fraction"] == 1.0 and report["prefix"] == ""
