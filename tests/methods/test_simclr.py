@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from config import get_defaults
+from config import get_defaults, load_config
 from methods.nt_xent import nt_xent, nt_xent_logits, pair_positives
 from methods.simclr import SimCLR, block_mask, masked_l1, rotate_axial
 from models.zoo import build_backbone, load_pretrained
@@ -255,7 +255,8 @@ def test_demo_config_loss_falls_below_chance_and_backbone_loads(tmp_path, demo_p
     # Below chance, not only below the first epoch: a loss that starts above chance also "falls"
     # when the encoder collapses to one output for every view. (Measured with seeds 0-2: inter ends
     # at 1.47-1.57 against chance 1.95; intra and negative_mined far lower.)
-    chance = _chance_loss(mode, batch=4, patches=2)  # the demo config's DATA.BATCH_SIZE, PATCHES_PER_SCAN
+    run_cfg = load_config(str(out / "config.yaml"))
+    chance = _chance_loss(mode, run_cfg.DATA.BATCH_SIZE, run_cfg.SIMCLR.PATCHES_PER_SCAN)
     assert losses[-1] < min(losses[0], chance) - 0.15, (losses, chance)
     cfg = get_defaults()
     cfg.MODEL.NAME, cfg.MODEL.PATCH_SIZE, cfg.DATA.ROI = "vit_tiny", [8, 8, 8], [48, 48, 48]
