@@ -258,7 +258,5 @@ def test_demo_config_loss_falls_below_chance_and_backbone_loads(tmp_path, demo_p
     run_cfg = load_config(str(out / "config.yaml"))
     chance = _chance_loss(mode, run_cfg.DATA.BATCH_SIZE, run_cfg.SIMCLR.PATCHES_PER_SCAN)
     assert losses[-1] < min(losses[0], chance) - 0.15, (losses, chance)
-    cfg = get_defaults()
-    cfg.MODEL.NAME, cfg.MODEL.PATCH_SIZE, cfg.DATA.ROI = "vit_tiny", [8, 8, 8], [48, 48, 48]
-    report = load_pretrained(build_backbone(cfg), str(out / "backbone.pth"), min_fraction=1.0)
+    report = load_pretrained(build_backbone(run_cfg), str(out / "backbone.pth"), min_fraction=1.0)
     assert report["fraction"] == 1.0 and report["prefix"] == ""
