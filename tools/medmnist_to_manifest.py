@@ -1,6 +1,7 @@
 """Convert a MedMNIST 3D ``.npz`` (e.g. AdrenalMNIST3D) into NIfTI volumes and manifest CSVs.
 
     python tools/medmnist_to_manifest.py --npz adrenalmnist3d.npz --out data/adrenalmnist3d
+    python tools/medmnist_to_manifest.py --dataset adrenalmnist3d --size 64 --out data/adrenalmnist3d_64
     python main_downstream.py --cfg configs/downstream/adrenal_resnet18.yaml
 
 MedMNIST files hold ``{train,val,test}_images`` (``[N, 28, 28, 28]`` uint8, 0..255, or
@@ -13,6 +14,10 @@ MedMNIST files hold ``{train,val,test}_images`` (``[N, 28, 28, 28]`` uint8, 0..2
 * voxels are written 1 mm apart with an identity orientation: use ``DATA.SPACING [1, 1, 1]`` (no
   resampling), ``DATA.HEAD_THRESHOLD -1001`` (no cropping to a "head"), ``DATA.ROI [28, 28, 28]``
   or ``[32, 32, 32]`` with ``DATA.FIT crop_pad`` (padding with -1024, i.e. 0 after windowing).
+
+``--dataset NAME --size 28|64`` downloads the file with the ``medmnist`` package (``pip install
+medmnist``; online) into ``--root`` (default ``~/.medmnist``) and converts it; ``--npz`` reads a file
+already on disk (offline).
 
 Output: ``OUT/images/<split>_<i>.nii.gz``, ``OUT/{train,val,test}.csv`` with ``img_path`` (relative
 to OUT), ``id`` and the label columns: ``label`` for a binary set, ``class_<k>`` one-hot columns for
@@ -133,14 +138,53 @@ def convert(npz_path: str, out_dir: str, spacing: float = 1.0, limit: Optional[i
     return paths
 
 
+def download(dataset: str, size: int, root: str) -> str:
+    """Fetch ``dataset`` at ``size`` with the ``medmnist`` package; returns the ``.npz`` path.
+
+    Args:
+        dataset: MedMNIST flag, e.g. ``adrenalmnist3d`` (a key of ``medmnist.INFO``).
+        size: 28 or 64 (3D sets).
+        root: download folder (created).
+
+    Raises:
+        ImportError: ``medmnist`` is not installed.
+        ValueError: unknown dataset or size.
+    """
+    try:
+        import medmnist
+    except ImportError as e:
+        raise ImportError("--dataset needs the medmnist package (pip install medmnist) and network access; "
+                          "offline, give the downloaded file with --npz") from e
+    flag = dataset.lower()
+    if flag not in medmnist.INFO:
+        known = sorted(k for k in medmnist.INFO if k.endswith("3d"))
+        raise ValueError(f"--dataset {dataset!r} is not a MedMNIST set; 3D sets: {known}")
+    if size not in (28, 64):
+        raise ValueError(f"--size {size}: 3D MedMNIST comes at 28 or 64")
+    os.makedirs(root, exist_ok=True)
+    cls = getattr(medmnist, medmnist.INFO[flag]["python_class"])
+    for split in SPLITS:  # each split's constructor downloads (once) and checks the file's md5
+        cls(split=split, download=True, size=size, root=root)
+    path = os.path.join(root, f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"medmnist downloaded {dataset} at {size} but {path} is missing")
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--npz", required=True, help="MedMNIST 3D .npz file (e.g. adrenalmnist3d.npz)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--npz", help="MedMNIST 3D .npz file on disk (e.g. adrenalmnist3d_64.npz); offline")
+    src.add_argument("--dataset", help="MedMNIST 3D set to download with the medmnist package, e.g. adrenalmnist3d")
+    ap.add_argument("--size", type=int, default=28, help="with --dataset: 28 or 64")
+    ap.add_argument("--root", default=os.path.join(os.path.expanduser("~"), ".medmnist"),
+                    help="with --dataset: download folder")
     ap.add_argument("--out", required=True, help="output folder (images/, train.csv, val.csv, test.csv)")
     ap.add_argument("--spacing", type=float, default=1.0, help="voxel size written to the NIfTI files (mm)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many volumes per split")
     args = ap.parse_args(argv)
-    convert(args.npz, args.out, args.spacing, args.limit)
+    npz = args.npz if args.npz else download(args.dataset, args.size, args.root)
+    convert(npz, args.out, args.spacing, args.limit)
     return 0
 
 

@@ -85,3 +85,48 @@ def test_adrenal_config_runs_end_to_end_on_fake_data(tmp_path):
     assert metrics["test"]["label"]["n_pos"] == 4 and metrics["test"]["label"]["n_neg"] == 4
     for name in ("predictions.csv", "roc_pr.png", "checkpoint_best.pth", "backbone.pth"):
         assert (out / name).is_file()
+
+
+def test_dataset_download_path_uses_the_medmnist_package(tmp_path, monkeypatch):
+    """--dataset NAME --size 64: the medmnist package is asked for every split, then its file converted.
+
+    The package downloads from the network, which tests may not use; a stand-in module with the
+    package's interface (INFO, one class per set taking split/download/size/root) writes the file
+    where medmnist puts it (``<root>/<flag>_<size>.npz``)."""
+    import sys
+    import types
+
+    from tools.medmnist_to_manifest import main
+
+    calls = []
+
+    class AdrenalMNIST3D:
+        def __init__(self, split, download, size, root):
+            calls.append((split, download, size))
+            target = Path(root) / f"adrenalmnist3d_{size}.npz" if size != 28 else Path(root) / "adrenalmnist3d.npz"
+            if not target.exists():
+                fake_npz(target)
+
+    stub = types.ModuleType("medmnist")
+    stub.INFO = {"adrenalmnist3d": {"python_class": "AdrenalMNIST3D"}, "pathmnist": {"python_class": "PathMNIST"}}
+    stub.AdrenalMNIST3D = AdrenalMNIST3D
+    monkeypatch.setitem(sys.modules, "medmnist", stub)
+    out = tmp_path / "out"
+    assert main(["--dataset", "adrenalmnist3d", "--size", "64", "--root", str(tmp_path / "dl"), "--out", str(out)]) == 0
+    assert calls == [("train", True, 64), ("val", True, 64), ("test", True, 64)]
+    assert (tmp_path / "dl" / "adrenalmnist3d_64.npz").is_file()
+    assert len(list(csv.DictReader(open(out / "train.csv")))) == 12
+    with pytest.raises(ValueError, match="not a MedMNIST set"):
+        main(["--dataset", "nosuchmnist3d", "--root", str(tmp_path / "dl"), "--out", str(out)])
+    with pytest.raises(ValueError, match="28 or 64"):
+        main(["--dataset", "adrenalmnist3d", "--size", "128", "--root", str(tmp_path / "dl"), "--out", str(out)])
+
+
+def test_dataset_without_medmnist_says_how_to_get_it(tmp_path, monkeypatch):
+    import sys
+
+    from tools.medmnist_to_manifest import main
+
+    monkeypatch.setitem(sys.modules, "medmnist", None)  # import medmnist -> ImportError
+    with pytest.raises(ImportError, match="pip install medmnist.*--npz"):
+        main(["--dataset", "adrenalmnist3d", "--root", str(tmp_path), "--out", str(tmp_path / "o")])
