@@ -1,0 +1,270 @@
+"""Does pretraining help? MAE, DINO and SimCLR on one backbone and budget against a random backbone.
+
+    python benchmarks/pretrain_gain.py --data data/adrenalmnist3d_64 --out outputs/pretrain_gain
+    python benchmarks/pretrain_gain.py --data DIR --out OUT --tiny          # minutes: plumbing only
+
+``--data`` holds ``train.csv``, ``val.csv`` and ``test.csv`` (``tools/medmnist_to_manifest.py``
+writes them). Every step is a real run of the entry scripts, in this order, each into a folder of
+``--out`` (a second call reuses the finished ones):
+
+1. ``tools/preprocess.py``: the volumes once into the memory-mapped cache (``--cache-dir``);
+2. ``main_pretrain_{mae,dino,simclr}.py --cfg configs/study/<method>.yaml`` -> ``pretrain_<method>/``;
+3. for every backbone (each pretrained one and ``random``, the same architecture untrained) a
+   linear probe on cached features (``main_downstream.py``, ``configs/study/probe.yaml``) with
+   ``MODEL.POOL`` ``cls`` and ``mean``; the pool with the better **validation** AUROC is kept
+   (``linear_<backbone>_<pool>/``), the test split is only read for the table;
+4. few-shot probes with that pool (``DOWNSTREAM.FEW_SHOT_K`` = each of ``--shots``, ``--seeds``
+   draws; the same draws for every backbone) -> ``fewshot_<backbone>_k<K>/``;
+5. the same backbone fine-tuned with labels from random init (``configs/study/supervised.yaml``)
+   -> ``supervised/``.
+
+Gains over random are **paired**: the same bootstrap resamples of the test cases score both models
+(``evaluation.compare``; DeLong's test for the linear probes); for few-shot the per-seed AUROC
+differences are averaged over seeds inside every resample. Writes ``OUT/pretrain_gain.json`` and
+``OUT/pretrain_gain.md`` (the README's table).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, from any folder
+
+from benchmarks.common import REPO, header, write_json  # noqa: E402
+from evaluation.compare import compare_predictions, paired_bootstrap_diff  # noqa: E402
+from evaluation.metrics import read_predictions_csv  # noqa: E402
+
+METHODS = ("mae", "dino", "simclr")
+POOLS = ("cls", "mean")
+LABEL = "label"
+# --tiny: every stage runs, each as short as it can be (the test of this script)
+TINY_OPTS = ["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0"]
+
+
+def run(cmd: Sequence[str], log_path: Path) -> float:
+    """Run one entry script (output to ``log_path``); returns its wall seconds, raises naming the log on failure."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.call(list(cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0:
+        tail = "".join(open(log_path).readlines()[-15:])
+        raise RuntimeError(f"{cmd[1]} failed (exit {rc}); log {log_path}:\n{tail}")
+    return time.time() - t0
+
+
+def read_metrics(folder: Path) -> dict[str, Any]:
+    with open(folder / "metrics.json") as f:
+        return json.load(f)
+
+
+def fewshot_paired(y: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray, n_bootstrap: int,
+                   seed: int) -> dict[str, Any]:
+    """Mean over draws of AUROC(A) - AUROC(B), with one paired bootstrap over the test cases.
+
+    Args:
+        y: ``[N]`` 0/1 test targets (the same cases for every draw).
+        prob_a: ``[S, N]`` probabilities of model A, one row per few-shot draw.
+        prob_b: ``[S, N]`` model B on the same draws (same seeds, same training rows).
+        n_bootstrap: resamples (positives and negatives resampled apart, as the metrics' CIs).
+        seed: resampling seed.
+
+    Returns:
+        ``diff`` (mean over draws), ``diff_std`` (over draws), ``ci95``, ``p_bootstrap`` (two-sided)
+        and ``significant`` (the CI excludes 0).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if prob_a.shape != prob_b.shape or prob_a.shape[1] != len(y):
+        raise ValueError(f"few-shot predictions of shapes {prob_a.shape} and {prob_b.shape} for {len(y)} test cases")
+    per_draw = np.array([roc_auc_score(y, a) - roc_auc_score(y, b) for a, b in zip(prob_a, prob_b)])
+    boots = paired_bootstrap_diff(y, prob_a, prob_b, n_bootstrap, seed)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    p = min(1.0, 2 * min(np.mean(boots <= 0), np.mean(boots >= 0)))
+    return {"diff": float(per_draw.mean()), "diff_std": float(per_draw.std(ddof=1)) if len(per_draw) > 1 else 0.0,
+            "ci95": [float(lo), float(hi)], "p_bootstrap": float(p), "significant": bool(lo > 0 or hi < 0)}
+
+
+def seed_predictions(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Test ids, targets ``[N]`` and probabilities ``[S, N]`` of every ``seed_<s>/`` of a few-shot run."""
+    seeds = sorted(folder.glob("seed_*/predictions.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not seeds:
+        raise FileNotFoundError(f"{folder}: no seed_<s>/predictions.csv")
+    ids0, probs, y0 = None, [], None
+    for p in seeds:
+        ids, _, labels, prob, target = read_predictions_csv(str(p))
+        j = labels.index(LABEL)
+        order = np.argsort(ids)
+        ids, prob, target = [ids[i] for i in order], prob[order, j], target[order, j]
+        if ids0 is None:
+            ids0, y0 = ids, target
+        elif ids != ids0:
+            raise ValueError(f"{p}: test ids differ from {seeds[0]}")
+        probs.append(prob)
+    return ids0, y0, np.stack(probs)
+
+
+def fmt_ci(v: Optional[float], ci: Optional[Sequence[float]], signed: bool = False) -> str:
+    if v is None:
+        return "n/a"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(v)} [{f.format(ci[0])}, {f.format(ci[1])}]" if ci else f.format(v)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="folder with train.csv, val.csv, test.csv")
+    ap.add_argument("--out", required=True, help="output folder (every run in a subfolder; reused when run again)")
+    ap.add_argument("--cache-dir", default="", help="preprocessed cache (default OUT/cache)")
+    ap.add_argument("--configs", default=str(REPO / "configs" / "study"),
+                    help="folder with base/mae/dino/simclr/probe/supervised.yaml")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--shots", nargs="+", type=int, default=[8, 16, 32], help="few-shot K (positives = negatives)")
+    ap.add_argument("--seeds", type=int, default=5, help="few-shot draws per K")
+    ap.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples")
+    ap.add_argument("--tiny", action="store_true", help="one epoch everywhere, 2 seeds, 100 resamples: the plumbing")
+    ap.add_argument("--opts", nargs="*", default=[], help="yacs KEY VALUE pairs added to every run")
+    args = ap.parse_args(argv)
+
+    data, out = Path(args.data).resolve(), Path(args.out).resolve()
+    cfgs = Path(args.configs).resolve()
+    for s in ("train", "val", "test"):
+        if not (data / f"{s}.csv").is_file():
+            raise SystemExit(f"--data {data}: no {s}.csv (tools/medmnist_to_manifest.py writes them)")
+    cache = Path(args.cache_dir).resolve() if args.cache_dir else out / "cache"
+    seeds, n_boot = (2, 100) if args.tiny else (args.seeds, args.bootstrap)
+    common = ["DATA.TRAIN_CSV", str(data / "train.csv"), "DATA.VAL_CSV", str(data / "val.csv"),
+              "DATA.TEST_CSV", str(data / "test.csv"), "DATA.CACHE_DIR", str(cache)]
+    common += (TINY_OPTS if args.tiny else []) + list(args.opts)
+    py = sys.executable
+    t_start = time.time()
+    times: dict[str, float] = {}
+
+    def entry(script: str, cfg: str, folder: Path, *opts: str) -> list[str]:
+        return [py, script, "--cfg", str(cfgs / cfg), "--opts", "OUTPUT", str(folder), *common, *opts]
+
+    print(f"[pretrain_gain] preprocessing -> {cache}", flush=True)
+    times["preprocess"] = run([py, "tools/preprocess.py", "--cfg", str(cfgs / "base.yaml"), "--no-progress",
+                               "--opts", *common], out / "logs" / "preprocess.log")
+
+    backbones: dict[str, str] = {"random": ""}
+    for m in args.methods:
+        folder = out / f"pretrain_{m}"
+        if not (folder / "backbone.pth").is_file():
+            print(f"[pretrain_gain] pretraining {m} -> {folder}", flush=True)
+            times[f"pretrain_{m}"] = run(entry(f"main_pretrain_{m}.py", f"{m}.yaml", folder), out / "logs" / f"pretrain_{m}.log")
+        backbones[m] = str(folder / "backbone.pth")
+
+    results: dict[str, Any] = {"linear": {}, "fewshot": {}, "pretrain": {}}
+    for m in args.methods:
+        rows = [json.loads(line) for line in open(out / f"pretrain_{m}" / "metrics.jsonl")]
+        losses = [r["loss"] for r in rows if "epoch_s" in r]  # the epoch-end rows
+        results["pretrain"][m] = {"epochs": len(losses), "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+                                  "seconds": times.get(f"pretrain_{m}")}
+
+    # linear probes: the pool is chosen on validation, per backbone
+    pool_of: dict[str, str] = {}
+    for b, ckpt in backbones.items():
+        best = None
+        for pool in POOLS:
+            folder = out / f"linear_{b}_{pool}"
+            if not (folder / "metrics.json").is_file():
+                print(f"[pretrain_gain] linear probe {b} ({pool}) -> {folder}", flush=True)
+                times[f"linear_{b}_{pool}"] = run(entry("main_downstream.py", "probe.yaml", folder, "MODEL.PRETRAINED", ckpt,
+                                                        "MODEL.POOL", pool), out / "logs" / f"linear_{b}_{pool}.log")
+            met = read_metrics(folder)
+            val = met["val"][LABEL]["auroc"]
+            if best is None or (val is not None and val > best[1]):
+                best = (pool, val if val is not None else -1.0, met)
+        pool_of[b] = best[0]
+        t = best[2]["test"][LABEL]
+        results["linear"][b] = {"pool": best[0], "val_auroc": best[1], "auroc": t["auroc"], "auroc_ci95": t["auroc_ci95"],
+                                "folder": str(out / f"linear_{b}_{best[0]}")}
+
+    # the supervised reference: the same architecture fine-tuned with labels from random init
+    sup = out / "supervised"
+    if not (sup / "metrics.json").is_file():
+        print(f"[pretrain_gain] supervised from scratch -> {sup}", flush=True)
+        times["supervised"] = run(entry("main_downstream.py", "supervised.yaml", sup), out / "logs" / "supervised.log")
+    t = read_metrics(sup)["test"][LABEL]
+    results["supervised"] = {"auroc": t["auroc"], "auroc_ci95": t["auroc_ci95"], "folder": str(sup)}
+
+    # paired differences against the random backbone (scan level: MedMNIST has no patient column)
+    rand_pred = Path(results["linear"]["random"]["folder"]) / "predictions.csv"
+    for b in list(args.methods) + ["supervised"]:
+        pred = (sup if b == "supervised" else Path(results["linear"][b]["folder"])) / "predictions.csv"
+        cmp = compare_predictions(str(pred), str(rand_pred), labels=[LABEL], n_bootstrap=n_boot, seed=0,
+                                  name_a=b, name_b="random")["scan"][LABEL]
+        (results["supervised"] if b == "supervised" else results["linear"][b])["vs_random"] = cmp
+
+    # few-shot: the same draws (seeds) for every backbone
+    for k in args.shots:
+        per_k: dict[str, Any] = {}
+        for b, ckpt in backbones.items():
+            folder = out / f"fewshot_{b}_k{k}"
+            if not (folder / "metrics.json").is_file():
+                print(f"[pretrain_gain] few-shot K={k} {b} -> {folder}", flush=True)
+                times[f"fewshot_{b}_k{k}"] = run(entry("main_downstream.py", "probe.yaml", folder, "MODEL.PRETRAINED", ckpt,
+                                                       "MODEL.POOL", pool_of[b], "DOWNSTREAM.MODE", "fewshot",
+                                                       "DOWNSTREAM.FEW_SHOT_K", str(k), "DOWNSTREAM.FEW_SHOT_SEEDS",
+                                                       str(seeds)), out / "logs" / f"fewshot_{b}_k{k}.log")
+            summ = read_metrics(folder)["test"][LABEL]
+            per_k[b] = {"auroc_mean": summ.get("auroc_mean"), "auroc_std": summ.get("auroc_std"), "folder": str(folder)}
+        ids_r, y_r, p_r = seed_predictions(out / f"fewshot_random_k{k}")
+        for b in args.methods:
+            ids_b, y_b, p_b = seed_predictions(out / f"fewshot_{b}_k{k}")
+            if ids_b != ids_r or not np.array_equal(y_b, y_r):
+                raise ValueError(f"fewshot_{b}_k{k} and fewshot_random_k{k} hold different test cases")
+            per_k[b]["vs_random"] = fewshot_paired(y_r, p_b, p_r, n_boot, seed=0)
+        results["fewshot"][str(k)] = per_k
+
+    results["seconds_total"] = time.time() - t_start
+    results["seconds"] = times
+    report = header(benchmark="pretrain_gain", data=str(data), methods=list(args.methods), shots=list(args.shots),
+                    seeds=seeds, bootstrap=n_boot, tiny=bool(args.tiny), opts=list(args.opts), **results)
+    write_json(out / "pretrain_gain.json", report)
+    md = markdown_table(report)
+    (out / "pretrain_gain.md").write_text(md)
+    print(md)
+    print(f"[pretrain_gain] {results['seconds_total'] / 60:.1f} min; wrote {out / 'pretrain_gain.json'} and .md")
+    return report
+
+
+def markdown_table(r: dict[str, Any]) -> str:
+    """The study's table: test AUROC [95% CI] per backbone and mode, paired gain over random."""
+    shots = [str(k) for k in r["shots"]]
+    head = ["backbone", "linear probe AUROC", "gain over random [paired 95% CI]", "DeLong p"]
+    head += [f"{k}-shot AUROC (mean ± sd), gain [95% CI]" for k in shots]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for b in ["random"] + list(r["methods"]):
+        lin = r["linear"][b]
+        vs = lin.get("vs_random")
+        row = [f"{b} ({lin['pool']} pool)", fmt_ci(lin["auroc"], lin["auroc_ci95"]),
+               fmt_ci(vs["diff"], vs["ci95"], signed=True) if vs else "—",
+               f"{vs['p_value']:.3g}" if vs and vs.get("p_value") is not None else "—"]
+        for k in shots:
+            f = r["fewshot"][k][b]
+            cell = f"{f['auroc_mean']:.3f} ± {f['auroc_std']:.3f}" if f["auroc_mean"] is not None else "n/a"
+            if "vs_random" in f:
+                cell += ", " + fmt_ci(f["vs_random"]["diff"], f["vs_random"]["ci95"], signed=True)
+            row.append(cell)
+        lines.append("| " + " | ".join(row) + " |")
+    s = r["supervised"]
+    vs = s["vs_random"]
+    lines.append("| " + " | ".join(["supervised from scratch (fine-tuned, labels)", fmt_ci(s["auroc"], s["auroc_ci95"]),
+                                    fmt_ci(vs["diff"], vs["ci95"], signed=True), f"{vs['p_value']:.3g}"]
+                                   + ["—"] * len(shots)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

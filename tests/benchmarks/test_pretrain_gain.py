@@ -1,0 +1,56 @@
+"""benchmarks/pretrain_gain.py end to end on a few real AdrenalMNIST3D volumes (--tiny: one epoch per
+method, one K, two seeds), and its paired few-shot bootstrap against a direct computation."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from benchmarks.pretrain_gain import fewshot_paired, main
+from tools.medmnist_to_manifest import convert
+
+ADRENAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "medmnist" / "adrenalmnist3d_64.npz"
+
+
+def test_fewshot_paired_matches_direct_auroc_differences():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(20), np.zeros(40)].astype(int)
+    a = rng.normal(size=(3, 60)) + y  # A separates the classes, B hardly
+    b = rng.normal(size=(3, 60)) + 0.2 * y
+    r = fewshot_paired(y, a, b, n_bootstrap=300, seed=0)
+    direct = np.mean([roc_auc_score(y, a[s]) - roc_auc_score(y, b[s]) for s in range(3)])
+    assert r["diff"] == pytest.approx(direct)
+    assert r["ci95"][0] < r["diff"] < r["ci95"][1]
+    assert r["significant"] and r["ci95"][0] > 0
+    same = fewshot_paired(y, a, a.copy(), n_bootstrap=50, seed=0)
+    assert same["diff"] == 0 and same["ci95"] == [0.0, 0.0] and not same["significant"]
+    with pytest.raises(ValueError, match="shapes"):
+        fewshot_paired(y, a, b[:2], n_bootstrap=10, seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ADRENAL.is_file(), reason=f"{ADRENAL} (shared data) not present")
+def test_study_runs_end_to_end_on_a_tiny_setting(tmp_path):
+    data = tmp_path / "adrenal"
+    convert(str(ADRENAL), str(data), limit=16)  # 16 scans per split: both classes in each
+    out = tmp_path / "study"
+    report = main(["--data", str(data), "--out", str(out), "--tiny", "--shots", "2"])
+    assert set(report["linear"]) == {"random", "mae", "dino", "simclr"}
+    for b, r in report["linear"].items():
+        assert r["pool"] in ("cls", "mean") and 0 <= r["auroc"] <= 1
+        if b != "random":
+            assert set(r["vs_random"]) >= {"diff", "ci95", "p_value", "significant"}
+    for m in ("mae", "dino", "simclr"):
+        assert report["pretrain"][m]["epochs"] == 1
+        f = report["fewshot"]["2"][m]
+        assert len(list(Path(f["folder"]).glob("seed_*/predictions.csv"))) == 2
+        assert -1 <= f["vs_random"]["diff"] <= 1
+    assert "vs_random" in report["supervised"]
+    saved = json.loads((out / "pretrain_gain.json").read_text())
+    assert saved["tiny"] and saved["machine"]["cpu_cores"] >= 1
+    md = (out / "pretrain_gain.md").read_text()
+    assert md.count("\n") == 2 + 4 + 1 and "supervised from scratch" in md
+    # a second call reuses every finished run
+    again = main(["--data", str(data), "--out", str(out), "--tiny", "--shots", "2"])
+    assert set(again["seconds"]) == {"preprocess"}
