@@ -136,9 +136,9 @@ def _sentence(r: dict[str, Any], name_a: str, name_b: str) -> str:
         better, worse = (name_a, name_b) if r["diff"] > 0 else (name_b, name_a)
         return f"{better} is significantly better than {worse} ({stats})."
     if ci_excludes or p_small:
-        return (f"The difference {name_a} - {name_b} is borderline ({stats}): the paired bootstrap and "
+        return (f"{name_a} vs {name_b}: the difference is borderline ({stats}); the paired bootstrap and "
                 "DeLong's test disagree at 5%, so do not claim it.")
-    return (f"The difference {name_a} - {name_b} is not significant ({stats}): these test cases cannot tell "
+    return (f"{name_a} vs {name_b}: the difference is not significant ({stats}); these test cases cannot tell "
             "the two models apart.")
 
 

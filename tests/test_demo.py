@@ -21,6 +21,8 @@ def test_demo_script_runs_every_stage_and_prints_the_table(tmp_path):
     for stage in ("1/4 phantom", "2/4 MAE", "3/4 linear probes", "4/4 fine-tuning"):
         assert stage in r.stdout
     assert "ICH on the phantom's test split" in r.stdout and "demo finished in" in r.stdout
+    assert "Pretrained - random, linear probe, paired" in r.stdout
+    assert "significant" in r.stdout or "not comparable" in r.stdout
     for run in ("linear", "linear_random", "finetune"):
         metrics = json.loads((out / run / "metrics.json").read_text())
         assert {"val", "test", "test_group"} <= set(metrics)
