@@ -29,5 +29,11 @@ def main(argv=None) -> Optional[dict]:
     return run_downstream(cfg, build_view)
 
 
+def cli() -> int:
+    """The ``headct-downstream`` command: runs :func:`main`; exit status 0 (the metrics are in OUTPUT)."""
+    main()
+    return 0
+
+
 if __name__ == "__main__":
     main()
