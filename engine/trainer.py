@@ -12,6 +12,7 @@ Preemption: SIGTERM or SIGUSR1 makes every rank finish the current optimizer ste
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import signal
@@ -71,6 +72,29 @@ def _skipped_rows(batch: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def wrap_ddp(method: nn.Module, device: torch.device) -> DDP:
+    """``method`` in DistributedDataParallel as the trainer runs it (process group already set up).
+
+    DDP averages the gradients of the parameters that require one; parameters without
+    (``requires_grad=False``, e.g. DINO's EMA teacher) are never reduced. Buffers are broadcast from
+    rank 0 once, when DDP is built (every rank holds the same values then: the engine seeds the
+    model init alike and resumes from one checkpoint), and never again at a forward: BatchNorm
+    running statistics stay rank-local (``methods.classify.average_buffers`` averages them before
+    evaluation) and buffers a method keeps in step itself (DINO's all-reduced centres) cost no
+    broadcast per step. torch >= 2.13 names that ``forward_sync_buffers=False`` (its
+    ``broadcast_buffers`` is deprecated, a FutureWarning); older torch ``broadcast_buffers=False``,
+    which also skips the start-up broadcast of buffers.
+
+    Args:
+        method: the method module, already on ``device``.
+        device: this rank's device (a CUDA device becomes DDP's ``device_ids``).
+    """
+    ids = [device] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return DDP(method, device_ids=ids, forward_sync_buffers=False)
+    return DDP(method, device_ids=ids, broadcast_buffers=False)
+
+
 class Trainer:
     """Runs ``TRAIN.EPOCHS`` epochs of a method with AMP, clipping, accumulation, schedules,
     logging, checkpoints, resume and signal handling.
@@ -107,10 +131,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, param_groups(method, cfg.TRAIN.LAYER_DECAY, lr_scales))
         self.amp_dtype = _AMP_DTYPES.get(cfg.TRAIN.AMP)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.TRAIN.AMP == "fp16")
-        model: nn.Module = method
-        if self.world > 1:
-            model = DDP(method, device_ids=[self.device] if self.device.type == "cuda" else None,
-                        broadcast_buffers=False)
+        model: nn.Module = wrap_ddp(method, self.device) if self.world > 1 else method
         self.model = torch.compile(model) if cfg.TRAIN.COMPILE else model
 
         self.accum = cfg.TRAIN.ACCUM_STEPS

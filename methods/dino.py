@@ -15,9 +15,11 @@ What the reference head-CT DINO got wrong and this file gets right:
 * the centre is a registered buffer, updated with the batch mean all-reduced over ranks, and
   only in training (``self.training``): validation leaves it alone;
 * the teacher is never trained nor synchronised by DDP: its parameters have
-  ``requires_grad=False`` and are listed in ``_ddp_params_and_buffers_to_ignore`` (DDP skips
-  them entirely, even at its start-up broadcast); it is identical on every rank because the
-  engine seeds the model init identically and the EMA follows the DDP-averaged student;
+  ``requires_grad=False``, and DDP reduces only parameters that require a gradient
+  (public behaviour; no private ignore list); DDP's one broadcast at start-up
+  (:func:`engine.trainer.wrap_ddp`) copies rank 0's teacher and centres, which every rank already
+  holds (the engine seeds the model init identically), and the EMA follows the DDP-averaged
+  student, so the teacher stays identical on every rank;
 * the checkpoint (``state_dict``) holds student, teacher and centre, so resume is exact;
   ``backbone.pth`` is the TEACHER backbone (:meth:`DINO.backbone_state_dict`);
 * weight decay spares norms, biases, tokens and position embeddings (engine parameter groups).
@@ -199,13 +201,9 @@ class DINO(nn.Module):
         # (DINO starts from 0: its first teacher targets all share the same peak, a push towards
         # collapse that the EMA takes ~1/(1 - CENTER_MOMENTUM) steps to undo)
         self.register_buffer("center_ready", torch.zeros((), dtype=torch.bool))
-        # DDP leaves these alone entirely (no start-up broadcast, no gradient hooks): the teacher
-        # is outside DDP even though the engine wraps the whole method
-        ignore = [f"teacher.{n}" for n, _ in self.teacher.named_parameters()]
-        ignore += [f"teacher.{n}" for n, _ in self.teacher.named_buffers()] + ["center", "center_ready"]
-        if self.ibot_weight > 0:
-            ignore.append("patch_center")
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignore)
+        # DDP (engine.trainer.wrap_ddp) reduces only parameters that require a gradient, so the
+        # teacher is never averaged; it and the centres are copied from rank 0 once, when DDP is
+        # built, and never broadcast at a forward
 
         self.window_specs = window_specs(list(cfg.DATA.WINDOWS))  # device-stage batches are windowed here
         self.student_temp = float(d.STUDENT_TEMP)
