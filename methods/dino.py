@@ -80,9 +80,12 @@ def dino_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center
     if teacher_logits.shape[1:] != (b, k) or s_n < 2 or g > s_n:
         raise ValueError(f"student logits {tuple(student_logits.shape)} do not match teacher logits "
                          f"{tuple(teacher_logits.shape)} (need S >= 2, S >= G, same B and K)")
-    t = F.softmax((teacher_logits.float() - center.float().reshape(1, 1, k)) / teacher_temp, dim=-1)  # [G,B,K]
-    log_s = F.log_softmax(student_logits.float() / student_temp, dim=-1)  # [S, B, K]
-    ce = -torch.einsum("gbk,sbk->gs", t, log_s) / b  # [G, S] mean over the batch
+    # float32 throughout: under autocast the einsum (a batched matrix product) would run in bf16
+    # and round the loss to 1/16 near log(65536) = 11, and the kl monitor with it
+    with torch.autocast(student_logits.device.type, enabled=False):
+        t = F.softmax((teacher_logits.float() - center.float().reshape(1, 1, k)) / teacher_temp, dim=-1)  # [G,B,K]
+        log_s = F.log_softmax(student_logits.float() / student_temp, dim=-1)  # [S, B, K]
+        ce = -torch.einsum("gbk,sbk->gs", t, log_s) / b  # [G, S] mean over the batch
     pairs = torch.ones(g, s_n, dtype=torch.bool, device=ce.device)
     pairs[torch.arange(g), torch.arange(g)] = False  # skip (global i, same global i)
     loss = ce[pairs].mean()

@@ -84,6 +84,16 @@ def test_loss_matches_hand_computation():
     assert mon["kl"].item() >= 0
 
 
+def test_loss_stays_float32_under_bf16_autocast():
+    """The cross-entropy is not rounded to bf16 (1/16 near log(K) = 11 for K = 65536)."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 3, 512, generator=g), torch.randn(2, 3, 512, generator=g)
+    ref, _ = dino_loss(s, t, torch.zeros(512), 0.1, 0.04)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = dino_loss(s, t, torch.zeros(512), 0.1, 0.04)
+    assert low.dtype == torch.float32 and low.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
 def test_loss_bad_shapes():
     with pytest.raises(ValueError, match="do not match"):
         dino_loss(torch.zeros(4, 3, 5), torch.zeros(2, 2, 5), torch.zeros(1, 5), 0.1, 0.04)
