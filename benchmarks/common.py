@@ -22,6 +22,47 @@ if str(REPO) not in sys.path:  # `python benchmarks/x.py` from anywhere: the rep
     sys.path.insert(0, str(REPO))
 
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM, dense bf16 tensor-core peak
+# datasheet dense bf16 tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name();
+# the first match wins, so the specific names come before the generic ones
+BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),  # "NVIDIA H100 80GB HBM3" is the SXM card
+    ("H200 NVL", 835.0), ("H200", 989.0),
+    ("A100", 312.0),
+)
+
+
+def bf16_peak_tflops(device_name: str | None) -> float | None:
+    """Datasheet dense bf16 peak (TFLOP/s) of a GPU named like ``torch.cuda.get_device_name()``.
+
+    None for a device not in :data:`BF16_PEAK_TFLOPS` (pass the peak by hand then).
+    """
+    for key, tflops in BF16_PEAK_TFLOPS:
+        if device_name and key.lower() in device_name.lower():
+            return tflops
+    return None
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, dtype: torch.dtype = torch.bfloat16, repeats: int = 10
+                  ) -> float:
+    """Measured rate of an ``n x n x n`` matrix product (median of ``repeats`` after 3 warm-ups).
+
+    The ceiling a training step can reach on this device and library; random inputs (zeros run
+    faster than real data on some GPUs).
+    """
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    times = []
+    for i in range(3 + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / summarize(times)["median"] / 1e12
 
 
 def cpu_cores() -> int:

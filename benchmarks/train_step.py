@@ -15,15 +15,33 @@ batched on-device stage of the view left to the method), and times full optimize
 ``engine.trainer.Trainer`` runs them: schedule hooks, autocast forward, backward, gradient
 clipping, optimizer step, EMA hook. FLOPs of one step (forward + backward) are counted with
 ``torch.utils.flop_counter.FlopCounterMode`` on the eager model; MFU = FLOPs per step / step time /
-peak (``--peak-tflops``, default the H100's dense bf16 989 TFLOPS on CUDA, none on CPU).
+peak (``--peak-tflops``, default the card's datasheet dense bf16 peak from
+``benchmarks.common.BF16_PEAK_TFLOPS`` on CUDA, none on CPU); ``--measure-peak`` also times a large
+bf16 matrix product and reports ``mfu_of_matmul`` against it. ``--sdpa flash,efficient`` restricts
+``scaled_dot_product_attention`` to those kernels (a case fails rather than fall back to the slow
+math path); the kernels the eager step ran are listed in ``sdpa_kernels``.
+
+Two more modes, for the GPU check (``benchmarks/gpu_check.py``):
+
+    # DDP steps through torchrun (NCCL on CUDA, Gloo on CPU), the trainer's own DDP wrap
+    python -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/train_step.py --ddp \
+        --cfg configs/dino/vit_base.yaml --compile off --steps 3
+    # the loss of the first steps in bf16 against fp32 (TF32 off), same seed, same batch
+    python benchmarks/train_step.py --compare-amp --preset h100 --methods mae,dino --steps 4
+
+The JSON is rewritten after every case, so a run stopped early keeps the cases it finished.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import math
+import os
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import H100_BF16_DENSE_TFLOPS, header, summarize, write_json  # noqa: E402
+from benchmarks.common import bf16_peak_tflops, header, matmul_tflops, summarize, write_json  # noqa: E402
 from config import config_from_args  # noqa: E402
 
 METHODS = ("mae", "dino", "simclr", "finetune")
@@ -165,54 +183,185 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def count_flops(step: Stepper, batch: dict) -> Optional[int]:
-    """FLOPs of one eager step (forward + backward), or None when counting fails."""
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}
+
+
+def sdpa_backends(spec: str) -> list | None:
+    """``"auto"`` (or empty) -> None (torch picks); ``"flash,efficient"`` -> those ``SDPBackend`` members.
+
+    Raises:
+        ValueError: naming an unknown kernel.
+    """
+    names = [n.strip().lower() for n in spec.split(",") if n.strip()]
+    if not names or names == ["auto"]:
+        return None
+    from torch.nn.attention import SDPBackend
+    bad = [n for n in names if n not in SDPA_BACKENDS]
+    if bad:
+        raise ValueError(f"--sdpa {spec!r}: unknown kernel(s) {bad}; expected 'auto' or a comma list of "
+                         f"{sorted(SDPA_BACKENDS)}")
+    return [getattr(SDPBackend, SDPA_BACKENDS[n]) for n in names]
+
+
+def sdpa_context(backends: list | None):
+    """``torch.nn.attention.sdpa_kernel(backends)``, or nothing for torch's own choice."""
+    if not backends:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+    return sdpa_kernel(backends)
+
+
+def _attention_recorder():
+    """A dispatch mode that collects the names of the attention kernels that run under it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class AttentionKernels(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name.startswith(("_scaled_dot_product", "_efficient_attention", "_flash_attention")):
+                self.names.add(name)
+            return func(*args, **(kwargs or {}))
+
+    return AttentionKernels()
+
+
+def count_flops(step: Stepper, batch: dict) -> tuple[int | None, list[str] | None]:
+    """FLOPs of one eager step (forward + backward) and the attention kernels it ran.
+
+    Kernels: the ``aten._scaled_dot_product_*`` ops (an empty list when attention took the math
+    path, matrix products only). ``(None, None)`` when counting fails.
+    """
     from torch.utils.flop_counter import FlopCounterMode
     try:
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, _attention_recorder() as rec:
             step(batch)
-        return int(fc.get_total_flops())
+        return int(fc.get_total_flops()), sorted(rec.names)
     except Exception as e:  # a counter gap must not lose the timing
         print(f"FLOP counting failed: {type(e).__name__}: {e}")
-        return None
+        return None, None
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 matrix products and convolutions on or off inside the block (CUDA), restored after."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def ddp_setup():
+    """The process group of a ``--ddp`` run under torchrun (NCCL on CUDA, Gloo on CPU).
+
+    ``engine.dist.init_distributed`` as the entry scripts call it; with one process it makes no
+    group, so a group of one is made here: DDP then runs for real (start-up broadcast, gradient
+    all-reduce) on a single GPU.
+    """
+    import torch.distributed as tdist
+
+    from engine.dist import init_distributed
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SystemExit("--ddp runs under torchrun: python -m torch.distributed.run --standalone "
+                         "--nproc_per_node N benchmarks/train_step.py --ddp ...")
+    info = init_distributed()
+    if not tdist.is_initialized():
+        cuda = info.device.type == "cuda"
+        tdist.init_process_group(backend="nccl" if cuda else "gloo", **({"device_id": info.device} if cuda else {}))
+    return info
+
+
+def rank_maxdiff(module: torch.nn.Module) -> float:
+    """Largest difference between ranks of any parameter's float64 sum (0 when the ranks agree)."""
+    from engine import dist
+    sums = [float(p.detach().double().sum()) for p in module.parameters()]
+    gathered = dist.all_gather_object(sums)
+    return max((abs(a - b) for other in gathered for a, b in zip(other, gathered[0])), default=0.0)
+
+
+def load_cfg(cfg_path: str, opts: list[str], batch_size: int | None):
+    args = argparse.Namespace(cfg=cfg_path, opts=list(opts) + (["DATA.BATCH_SIZE", str(batch_size)] if batch_size
+                                                                else []))
+    return config_from_args(args)
 
 
 def run_case(method: str, cfg_path: str, opts: list[str], compile_: bool, amp: str, steps: int, warmup: int,
-             device: torch.device, batch_size: Optional[int], peak_tflops: Optional[float]) -> dict[str, Any]:
-    """Time one (method, config, compile) case; returns its JSON row."""
+             device: torch.device, batch_size: int | None, peak_tflops: float | None,
+             sdpa: str = "auto", ddp: bool = False) -> dict[str, Any]:
+    """Time one (method, config, compile) case; returns its JSON row.
+
+    Args:
+        sdpa: attention kernels allowed (:func:`sdpa_backends`).
+        ddp: wrap the method as the trainer does under torchrun (:func:`engine.trainer.wrap_ddp`;
+            the process group from :func:`ddp_setup`); each rank steps on its own batch, and the
+            row holds the backend, world size, the warnings DDP raised on any rank and
+            ``rank_param_maxdiff`` (0 when every rank ends with the same weights, teacher included).
+    """
+    from engine import dist
     from engine.dist import seed_everything
-    args = argparse.Namespace(cfg=cfg_path, opts=list(opts) + (["DATA.BATCH_SIZE", str(batch_size)] if batch_size
-                                                                else []))
-    cfg = config_from_args(args)
+    cfg = load_cfg(cfg_path, opts, batch_size)
+    rank = dist.get_rank()
     seed_everything(cfg.SEED)
     method_mod = build_method(cfg, method).to(device)
     method_mod.train()
-    model = torch.compile(method_mod) if compile_ else method_mod
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        return _time_case(cfg, method, cfg_path, opts, compile_, amp, steps, warmup, device, peak_tflops, sdpa, ddp,
+                          method_mod, rank, caught)
+
+
+def _time_case(cfg, method, cfg_path, opts, compile_, amp, steps, warmup, device, peak_tflops, sdpa, ddp,
+               method_mod, rank, caught) -> dict[str, Any]:
+    model = method_mod
+    if ddp:
+        from engine.trainer import wrap_ddp
+        model = wrap_ddp(method_mod, device)
+    model = torch.compile(model) if compile_ else model
     step = Stepper(cfg, method_mod, model, device, amp)
     bs = cfg.DATA.BATCH_SIZE
-    batch = make_batch(cfg, method, bs, device, seed=cfg.SEED)
+    batch = make_batch(cfg, method, bs, device, seed=cfg.SEED + 1000 * rank)
     row: dict[str, Any] = {"method": method, "config": cfg_path, "opts": list(opts), "model": cfg.MODEL.NAME,
                            "roi": list(cfg.DATA.ROI), "patch": list(cfg.MODEL.PATCH_SIZE), "batch_size": bs,
-                           "compile": compile_, "amp": amp, "device": str(device),
+                           "compile": compile_, "amp": amp, "device": str(device), "sdpa": sdpa, "ddp": ddp,
                            "params_m": sum(p.numel() for p in method_mod.parameters() if p.requires_grad) / 1e6,
                            "input_shapes": {k: list(v.shape) for k, v in batch.items()
                                             if isinstance(v, torch.Tensor) and v.ndim >= 4}}
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step(batch)
-    sync(device)
-    row["warmup_s"] = time.perf_counter() - t0  # includes compilation
-    flops = count_flops(step, batch) if not compile_ else None  # eager: the same step
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step(batch)
+    backends = sdpa_backends(sdpa)
+    with sdpa_context(backends):
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            step(batch)
         sync(device)
-        times.append(time.perf_counter() - t)
+        row["warmup_s"] = time.perf_counter() - t0  # includes compilation
+        flops = kernels = None
+        if not compile_ and not ddp:  # eager: the same step
+            flops, kernels = count_flops(step, batch)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, losses = [], []
+        for _ in range(steps):
+            t = time.perf_counter()
+            losses.append(step(batch))
+            sync(device)
+            times.append(time.perf_counter() - t)
     st = summarize(times)
-    row.update(step_s=st, samples_per_s=bs / st["median"], flops_per_step=flops)
+    row.update(step_s=st, samples_per_s=bs / st["median"], flops_per_step=flops, sdpa_kernels=kernels,
+               losses=losses, losses_finite=all(math.isfinite(x) for x in losses))
+    if ddp:
+        import torch.distributed as tdist
+
+        from engine import dist
+        row.update(backend=str(tdist.get_backend()), world_size=dist.get_world_size(),
+                   rank_param_maxdiff=rank_maxdiff(method_mod))
+        mine = [f"{w.category.__name__}: {w.message}" for w in caught]
+        row["warnings"] = sorted({f"rank {r}: {m}" for r, ws in enumerate(dist.all_gather_object(mine)) for m in ws})
+        row["future_warnings"] = sum("FutureWarning" in w for w in row["warnings"])
     if device.type == "cuda":
         row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     else:
@@ -220,10 +369,13 @@ def run_case(method: str, cfg_path: str, opts: list[str], compile_: bool, amp: s
     if flops:
         row["tflops_per_s"] = flops / st["median"] / 1e12
         row["mfu"] = row["tflops_per_s"] / peak_tflops if peak_tflops else None
-    print(f"{method:8s} {cfg.MODEL.NAME} {list(cfg.DATA.ROI)} batch {bs} compile={compile_} {amp}: step "
-          f"{st['median'] * 1000:.1f} ms, {row['samples_per_s']:.2f} samples/s"
-          + (f", {row['tflops_per_s']:.2f} TFLOP/s" if flops else "")
-          + (f", MFU {row['mfu']:.1%}" if row.get("mfu") else ""), flush=True)
+    if rank == 0:
+        print(f"{method:8s} {cfg.MODEL.NAME} {list(cfg.DATA.ROI)} batch {bs} compile={compile_} {amp}"
+              + (f" DDP {row['backend']} x{row['world_size']}" if ddp else "") + ": step "
+              f"{st['median'] * 1000:.1f} ms, {row['samples_per_s']:.2f} samples/s"
+              + (f", {row['tflops_per_s']:.2f} TFLOP/s" if flops else "")
+              + (f", MFU {row['mfu']:.1%}" if row.get("mfu") else "")
+              + (f", attention {','.join(kernels) or 'math'}" if kernels is not None else ""), flush=True)
     del model, method_mod, step, batch
     gc.collect()
     if device.type == "cuda":
@@ -231,8 +383,9 @@ def run_case(method: str, cfg_path: str, opts: list[str], compile_: bool, amp: s
     return row
 
 
-def fill_flops(rows: list[dict], peak_tflops: Optional[float]) -> None:
-    """Compiled rows take the FLOP count of their eager twin (the model does the same arithmetic)."""
+def fill_flops(rows: list[dict], peak_tflops: float | None, matmul: float | None = None) -> None:
+    """Compiled rows take the FLOP count of their eager twin (the model does the same arithmetic);
+    with a measured matrix-product rate ``matmul`` (TFLOP/s) every row also gets ``mfu_of_matmul``."""
     for r in rows:
         if r.get("flops_per_step") is None:
             twin = next((e for e in rows if e is not r and not e["compile"] and e["method"] == r["method"]
@@ -242,15 +395,60 @@ def fill_flops(rows: list[dict], peak_tflops: Optional[float]) -> None:
                 r["flops_per_step"] = twin["flops_per_step"]
                 r["tflops_per_s"] = r["flops_per_step"] / r["step_s"]["median"] / 1e12
                 r["mfu"] = r["tflops_per_s"] / peak_tflops if peak_tflops else None
+        if matmul and r.get("tflops_per_s"):
+            r["mfu_of_matmul"] = r["tflops_per_s"] / matmul
+
+
+def compare_amp(method: str, cfg_path: str, opts: list[str], steps: int, device: torch.device,
+                batch_size: int | None, rtol: float, rtol_first: float, sdpa: str = "auto") -> dict[str, Any]:
+    """The loss of the first ``steps`` optimizer steps in fp32 (TF32 off) and in bf16 autocast.
+
+    Both runs start from the same seed (same weights, same batch, same masks) and run the same
+    steps at the trainer's peak learning rate (``BASE_LR x batch / 256``). The first loss comes from
+    the same weights, so it measures the precision of one bf16 forward pass (``rtol_first``); the
+    later ones also carry the drift of the bf16 updates (AdamW's first steps move every weight by about
+    the learning rate whatever its gradient's size, so rounding of a small gradient can flip a step):
+    ``rtol``. ``ok`` when every loss is finite and ``|bf16 - fp32| / |fp32|`` is within both.
+    """
+    from engine.dist import seed_everything
+    from engine.optim import scaled_lr
+    losses: dict[str, list[float]] = {}
+    for amp in ("none", "bf16"):
+        cfg = load_cfg(cfg_path, opts, batch_size)
+        seed_everything(cfg.SEED)
+        m = build_method(cfg, method).to(device)
+        m.train()
+        step = Stepper(cfg, m, m, device, amp)
+        for g in step.opt.param_groups:  # the trainer's peak rate (after warm-up), not the unscaled BASE_LR
+            g["lr"] = scaled_lr(cfg, 1) * g["lr_scale"]
+        batch = make_batch(cfg, method, cfg.DATA.BATCH_SIZE, device, seed=cfg.SEED)
+        seed_everything(cfg.SEED)  # the same draws (masks, dropout) in both runs
+        with tf32(amp != "none"), sdpa_context(sdpa_backends(sdpa)):
+            losses[amp] = [step(batch) for _ in range(steps)]
+        del m, step, batch
+        gc.collect()
+    ref, low = losses["none"], losses["bf16"]
+    rel = [abs(b - a) / max(abs(a), 1e-12) for a, b in zip(ref, low)]
+    finite = all(math.isfinite(x) for x in ref + low)
+    row = {"method": method, "config": cfg_path, "opts": list(opts), "steps": steps, "device": str(device),
+           "sdpa": sdpa, "loss_fp32": ref, "loss_bf16": low, "rel_diff": rel,
+           "max_rel_diff": max(rel) if finite else None, "rtol": rtol, "rtol_first": rtol_first,
+           "ok": finite and rel[0] <= rtol_first and max(rel) <= rtol}
+    print(f"{method:8s} bf16 vs fp32 over {steps} steps: losses {[round(x, 5) for x in low]} vs "
+          f"{[round(x, 5) for x in ref]}: relative difference {rel[0]:.2e} at the first step (tolerance "
+          f"{rtol_first:g}), {max(rel):.2e} at most (tolerance {rtol:g}): {'ok' if row['ok'] else 'FAILED'}",
+          flush=True)
+    return row
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="", help="run a suite of cases")
+    p.add_argument("--methods", default="", help="with --preset: only these methods (comma list, e.g. mae,dino)")
     p.add_argument("--method", choices=METHODS, default="", help="one case: the method (default: from --cfg)")
     p.add_argument("--cfg", default="", help="one case: the config")
     p.add_argument("--compile", choices=("off", "on", "both"), default="both",
-                   help="torch.compile the method: off, on or both (default both)")
+                   help="torch.compile the method: off, on or both (default both; every eager case runs first)")
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default="",
                    help="autocast dtype (default: bf16 on CUDA, none on CPU)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per case (default 20)")
@@ -258,20 +456,48 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=0, help="override DATA.BATCH_SIZE (0 = the config's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--peak-tflops", type=float, default=0.0,
-                   help=f"peak of the device for MFU (default {H100_BF16_DENSE_TFLOPS:g} on CUDA, none on CPU)")
+                   help="peak of the device for MFU (default: the card's datasheet dense bf16 peak on CUDA, "
+                        "benchmarks.common.BF16_PEAK_TFLOPS; none on CPU)")
+    p.add_argument("--measure-peak", action="store_true",
+                   help="also time a large bf16 matrix product (8192^3 on CUDA) and report mfu_of_matmul")
+    p.add_argument("--sdpa", default="auto",
+                   help="attention kernels allowed: auto (torch's choice) or a comma list of flash, efficient, "
+                        "cudnn, math (e.g. flash,efficient: fail rather than fall back to math)")
+    p.add_argument("--ddp", action="store_true",
+                   help="wrap in DDP as the trainer does; run under torchrun (any --nproc_per_node)")
+    p.add_argument("--compare-amp", action="store_true",
+                   help="instead of timing: the loss of --steps steps in bf16 against fp32, same seed")
+    p.add_argument("--rtol", type=float, default=0.1,
+                   help="--compare-amp: largest relative loss difference accepted at any step (default 0.1)")
+    p.add_argument("--rtol-first", type=float, default=0.01,
+                   help="--compare-amp: the same at the first step, from the same weights (default 0.01)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0 = torch's default; 1 on a CPU shared with other jobs)")
     p.add_argument("--json", default="", help="write the results here")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config KEY VALUE pairs for every case")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    info = ddp_setup() if args.ddp else None
+    if info is not None:
+        device = info.device
+    else:
+        device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                              else "cpu")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    peak = args.peak_tflops or (H100_BF16_DENSE_TFLOPS if device.type == "cuda" else None)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = args.peak_tflops or bf16_peak_tflops(gpu)
+    if gpu and not peak:
+        print(f"no datasheet bf16 peak known for {gpu!r}: MFU not computed (pass --peak-tflops)")
     if args.preset:
         cases = PRESETS[args.preset]
+        if args.methods:
+            wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+            bad = [m for m in wanted if m not in {c[0] for c in cases}]
+            if bad:
+                p.error(f"--methods {args.methods!r}: {bad} not in preset {args.preset!r} "
+                        f"({[c[0] for c in cases]})")
+            cases = [c for c in cases if c[0] in wanted]
     elif args.cfg:
         cases = [(args.method or infer_method(args.cfg), args.cfg, [])]
     else:
@@ -279,24 +505,63 @@ def main(argv=None) -> dict:
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    try:
+        sdpa_backends(args.sdpa)
+    except ValueError as e:
+        p.error(str(e))
+    main_rank = info is None or info.rank == 0
+    mode = "compare_amp" if args.compare_amp else ("ddp" if args.ddp else "time")
     result = header(device=str(device), threads=torch.get_num_threads(), amp=amp, peak_tflops=peak,
-                    steps=args.steps, warmup=args.warmup,
+                    steps=args.steps, warmup=args.warmup, sdpa=args.sdpa, mode=mode,
                     preset=args.preset or None, cases=[])
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    for method, cfg_path, extra in cases:
-        for c in compiles:
+    if args.measure_peak and main_rank:
+        n = 8192 if device.type == "cuda" else 256
+        result["matmul_tflops"] = matmul_tflops(device, n, torch.bfloat16)
+        result["matmul_n"] = n
+        print(f"bf16 {n}^3 matrix product: {result['matmul_tflops']:.1f} TFLOP/s"
+              + (f" ({result['matmul_tflops'] / peak:.0%} of the datasheet {peak:g})" if peak else ""), flush=True)
+
+    def save() -> None:
+        fill_flops([r for r in result["cases"] if "error" not in r and "step_s" in r], peak,
+                   result.get("matmul_tflops"))
+        if args.json and main_rank:
+            write_json(args.json, result)
+
+    if args.compare_amp:
+        for method, cfg_path, extra in cases:
             try:
-                result["cases"].append(run_case(method, cfg_path, extra + list(args.opts or []), c, amp, args.steps,
-                                                args.warmup, device, args.batch_size or None, peak))
-            except Exception as e:  # one failing case (e.g. out of memory) must not lose the others
-                print(f"{method} compile={c}: FAILED {type(e).__name__}: {e}", flush=True)
-                result["cases"].append({"method": method, "config": cfg_path, "compile": c,
+                result["cases"].append(compare_amp(method, cfg_path, extra + list(args.opts or []), args.steps,
+                                                   device, args.batch_size or None, args.rtol, args.rtol_first,
+                                                   args.sdpa))
+            except Exception as e:  # noqa: BLE001  (one failing case must not lose the others)
+                print(f"{method} bf16 vs fp32: FAILED {type(e).__name__}: {e}", flush=True)
+                result["cases"].append({"method": method, "config": cfg_path, "ok": False,
                                         "error": f"{type(e).__name__}: {e}"})
-    fill_flops([r for r in result["cases"] if "error" not in r], peak)
-    if args.json:
-        print(f"wrote {write_json(args.json, result)}")
+            save()
+        result["ok"] = all(c.get("ok") for c in result["cases"])
+    else:
+        for c in compiles:  # every eager case first: a run cut short still has them
+            for method, cfg_path, extra in cases:
+                try:
+                    result["cases"].append(run_case(method, cfg_path, extra + list(args.opts or []), c, amp,
+                                                    args.steps, args.warmup, device, args.batch_size or None, peak,
+                                                    args.sdpa, args.ddp))
+                except Exception as e:  # one failing case (e.g. out of memory) must not lose the others
+                    if args.ddp:
+                        raise  # the other ranks wait in a collective: a rank must not carry on alone
+                    print(f"{method} compile={c}: FAILED {type(e).__name__}: {e}", flush=True)
+                    result["cases"].append({"method": method, "config": cfg_path, "compile": c,
+                                            "error": f"{type(e).__name__}: {e}"})
+                save()
+    save()
+    if args.json and main_rank:
+        print(f"wrote {args.json}")
+    if info is not None:
+        from engine.dist import cleanup
+        cleanup()
     return result
 
 
