@@ -16,7 +16,9 @@ writes them). Every step is a real run of the entry scripts, in this order, each
 4. few-shot probes with that pool (``DOWNSTREAM.FEW_SHOT_K`` = each of ``--shots``, ``--seeds``
    draws; the same draws for every backbone) -> ``fewshot_<backbone>_k<K>/``;
 5. the same backbone fine-tuned with labels from random init (``configs/study/supervised.yaml``)
-   -> ``supervised/``.
+   -> ``supervised/``;
+6. a collapse monitor: every backbone's pooled training features (``tools/extract_features.py``
+   -> ``features_<backbone>/``) and their effective rank (:func:`feature_spectrum`).
 
 Gains over random are **paired**: the same bootstrap resamples of the test cases score both models
 (``evaluation.compare``; DeLong's test for the linear probes); for few-shot the per-seed AUROC
@@ -65,6 +67,30 @@ def run(cmd: Sequence[str], log_path: Path) -> float:
 def read_metrics(folder: Path) -> dict[str, Any]:
     with open(folder / "metrics.json") as f:
         return json.load(f)
+
+
+def feature_spectrum(features: np.ndarray) -> dict[str, Any]:
+    """How many directions the features use: a collapse monitor for a frozen backbone.
+
+    Args:
+        features: ``[N, D]`` pooled features of N scans.
+
+    Returns:
+        ``effective_rank`` (exp of the entropy of the centred features' normalised singular-value
+        spectrum: D for isotropic features, 1 for a single direction), the same after standardising
+        each feature (what the logistic probe sees), and ``top1_share`` / ``top10_share`` of the
+        variance in the first 1 / 10 principal directions.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    x = x - x.mean(axis=0)
+    out: dict[str, Any] = {"dim": int(x.shape[1])}
+    for key, m in (("effective_rank", x), ("effective_rank_standardized", x / np.maximum(x.std(axis=0), 1e-8))):
+        var = np.linalg.svd(m, compute_uv=False) ** 2
+        p = var / var.sum() if var.sum() > 0 else np.full_like(var, 1.0 / var.size)
+        out[key] = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+        if key == "effective_rank":
+            out["top1_share"], out["top10_share"] = float(p[0]), float(p[:10].sum())
+    return out
 
 
 def fewshot_paired(y: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray, n_bootstrap: int,
@@ -190,6 +216,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         results["linear"][b] = {"pool": best[0], "val_auroc": best[1], "auroc": t["auroc"], "auroc_ci95": t["auroc_ci95"],
                                 "folder": str(out / f"linear_{b}_{best[0]}")}
 
+    # collapse monitor: the spectrum of each backbone's training features (the pool the probe kept)
+    for b, ckpt in backbones.items():
+        folder = out / f"features_{b}"
+        if not (folder / "features.npy").is_file():
+            print(f"[pretrain_gain] feature spectrum {b} -> {folder}", flush=True)
+            times[f"features_{b}"] = run([py, "tools/extract_features.py", "--cfg", str(cfgs / "probe.yaml"), "--opts",
+                                          "OUTPUT", str(folder), *common, "DATA.TEST_CSV", str(data / "train.csv"),
+                                          "MODEL.PRETRAINED", ckpt, "MODEL.POOL", pool_of[b]],
+                                         out / "logs" / f"features_{b}.log")
+        results["linear"][b]["features"] = feature_spectrum(np.load(folder / "features.npy"))
+
     # the supervised reference: the same architecture fine-tuned with labels from random init
     sup = out / "supervised"
     if not (sup / "metrics.json").is_file():
@@ -242,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 def markdown_table(r: dict[str, Any]) -> str:
     """The study's table: test AUROC [95% CI] per backbone and mode, paired gain over random."""
     shots = [str(k) for k in r["shots"]]
-    head = ["backbone", "linear probe AUROC", "gain over random [paired 95% CI]", "DeLong p"]
+    head = ["backbone", "linear probe AUROC", "gain over random [paired 95% CI]", "DeLong p", "feature eff. rank"]
     head += [f"{k}-shot AUROC (mean ± sd), gain [95% CI]" for k in shots]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for b in ["random"] + list(r["methods"]):
@@ -250,7 +287,8 @@ def markdown_table(r: dict[str, Any]) -> str:
         vs = lin.get("vs_random")
         row = [f"{b} ({lin['pool']} pool)", fmt_ci(lin["auroc"], lin["auroc_ci95"]),
                fmt_ci(vs["diff"], vs["ci95"], signed=True) if vs else "—",
-               f"{vs['p_value']:.3g}" if vs and vs.get("p_value") is not None else "—"]
+               f"{vs['p_value']:.3g}" if vs and vs.get("p_value") is not None else "—",
+               f"{lin['features']['effective_rank']:.1f} of {lin['features']['dim']}" if "features" in lin else "—"]
         for k in shots:
             f = r["fewshot"][k][b]
             cell = f"{f['auroc_mean']:.3f} ± {f['auroc_std']:.3f}" if f["auroc_mean"] is not None else "n/a"
@@ -261,7 +299,7 @@ def markdown_table(r: dict[str, Any]) -> str:
     s = r["supervised"]
     vs = s["vs_random"]
     lines.append("| " + " | ".join(["supervised from scratch (fine-tuned, labels)", fmt_ci(s["auroc"], s["auroc_ci95"]),
-                                    fmt_ci(vs["diff"], vs["ci95"], signed=True), f"{vs['p_value']:.3g}"]
+                                    fmt_ci(vs["diff"], vs["ci95"], signed=True), f"{vs['p_value']:.3g}", "—"]
                                    + ["—"] * len(shots)) + " |")
     return "\n".join(lines) + "\n"
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from benchmarks.pretrain_gain import fewshot_paired, main
+from benchmarks.pretrain_gain import feature_spectrum, fewshot_paired, main
 from tools.medmnist_to_manifest import convert
 
 ADRENAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "medmnist" / "adrenalmnist3d_64.npz"
@@ -29,6 +29,19 @@ def test_fewshot_paired_matches_direct_auroc_differences():
         fewshot_paired(y, a, b[:2], n_bootstrap=10, seed=0)
 
 
+def test_feature_spectrum_counts_the_directions_features_use():
+    rng = np.random.default_rng(0)
+    iso = feature_spectrum(rng.normal(size=(4000, 16)))
+    assert iso["dim"] == 16 and 15 < iso["effective_rank"] <= 16 and iso["top10_share"] < 0.7
+    line = np.outer(rng.normal(size=500), rng.normal(size=8)) + 1e-6 * rng.normal(size=(500, 8))
+    one = feature_spectrum(line)
+    assert one["effective_rank"] == pytest.approx(1.0, abs=1e-3) and one["top1_share"] > 0.999
+    # two directions of equal variance: exp(log 2) = 2; standardising cannot undo a real collapse
+    two = feature_spectrum(np.c_[rng.normal(size=(4000, 2)), np.zeros((4000, 3))])
+    assert two["effective_rank"] == pytest.approx(2.0, abs=0.05)
+    assert two["effective_rank_standardized"] == pytest.approx(2.0, abs=0.05)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not ADRENAL.is_file(), reason=f"{ADRENAL} (shared data) not present")
 def test_study_runs_end_to_end_on_a_tiny_setting(tmp_path):
@@ -39,6 +52,7 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tmp_path):
     assert set(report["linear"]) == {"random", "mae", "dino", "simclr"}
     for b, r in report["linear"].items():
         assert r["pool"] in ("cls", "mean") and 0 <= r["auroc"] <= 1
+        assert 1 <= r["features"]["effective_rank"] <= r["features"]["dim"]
         if b != "random":
             assert set(r["vs_random"]) >= {"diff", "ci95", "p_value", "significant"}
     for m in ("mae", "dino", "simclr"):
