@@ -4,7 +4,8 @@
     python tools/prepare_dicom.py --input /data/dicom --output /data/ct [--criteria FILE] [--workers N]
 
 Writes, under OUTPUT:
-    images/<id>.nii.gz   int16 HU on an orthogonal grid (gantry tilt and uneven spacing resampled),
+    images/<id>.nii.gz   int16 HU on an orthogonal grid (gantry tilt, uneven spacing and slice
+                         thickness changing part-way resampled onto one uniform spacing),
                          voxel axes closest to RAS, affine voxel -> RAS world mm
     manifest.csv         img_path (relative to OUTPUT), id, patient_id, study_id, series_id
     series_report.csv    every series: kept / dropped / error, why, and its acquisition figures
@@ -22,6 +23,7 @@ import os
 import secrets
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from data.dicom import (  # noqa: E402
     DEFAULT_CRITERIA,
     Criteria,
     DicomError,
+    SeriesGeometry,
     SliceHeader,
     analyse_geometry,
     describe_drops,
@@ -51,13 +54,15 @@ from data.dicom import (  # noqa: E402
     select_slices,
 )
 
-PIPELINE_VERSION = "1"  # bump when the conversion changes: reruns then redo every series
+# Bump when the conversion changes: reruns then redo every series. 2: gap rule on uncovered distance,
+# thickness changing part-way resampled, tilted slices interpolated along their normal.
+PIPELINE_VERSION = "2"
 MANIFEST_COLUMNS = ["img_path", "id", "patient_id", "study_id", "series_id"]
 REPORT_COLUMNS = [
     "id", "status", "reason", "notes", "patient_id", "study_id", "series_id",
     "modality", "study_description", "series_description", "body_part", "kvp", "kernel",
-    "slice_thickness", "n_files", "n_slices", "dropped_slices", "slice_spacing", "max_gap",
-    "missing_slices", "tilt_deg", "shape", "spacing", "img_path", "seconds", "settings",
+    "thickness_min", "thickness_max", "n_files", "n_slices", "dropped_slices", "slice_spacing", "max_gap",
+    "max_uncovered", "missing_slices", "tilt_deg", "shape", "spacing", "img_path", "seconds", "settings",
 ]
 HEADER_CHUNK = 256  # files per header-reading task
 
@@ -73,6 +78,7 @@ class SeriesJob:
     criteria: Criteria
     output: str
     settings: str
+    slice_spacing: float | None = None  # --spacing-mm (None: each series' own)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -137,8 +143,10 @@ def process_series(job: SeriesJob) -> dict[str, str]:
         first = kept[0]
         row.update(modality=first.modality, study_description=first.study_description,
                    series_description=first.series_description, body_part=first.body_part,
-                   kvp=first.kvp, kernel=first.kernel,
-                   slice_thickness="" if first.thickness is None else _fmt(first.thickness))
+                   kvp=first.kvp, kernel=first.kernel)
+        thick = [h.thickness for h in kept if h.thickness is not None and h.thickness > 0]
+        if thick:
+            row.update(thickness_min=_fmt(min(thick)), thickness_max=_fmt(max(thick)))
         reason = job.criteria.check_header(first)
         if reason is None and len(kept) < job.criteria.min_slices:
             reason = f"{len(kept)} slices < minimum {job.criteria.min_slices}"
@@ -147,23 +155,17 @@ def process_series(job: SeriesJob) -> dict[str, str]:
             return row
         geom = analyse_geometry(kept, job.id)
         row.update(slice_spacing=_fmt(geom.median_spacing), max_gap=_fmt(geom.max_gap),
-                   missing_slices=str(geom.missing_slices), tilt_deg=_fmt(geom.tilt_deg, 2))
+                   missing_slices=str(geom.missing_slices), tilt_deg=_fmt(geom.tilt_deg, 2),
+                   max_uncovered="" if geom.max_uncovered is None else _fmt(geom.max_uncovered))
         reason = job.criteria.check_geometry(geom)
         if reason:
             row["reason"] = reason
             return row
         stage = "pixels"
-        hu, affine = resample_to_grid(load_hu(geom, job.id), geom)
+        hu, affine = resample_to_grid(load_hu(geom, job.id), geom, slice_spacing=job.slice_spacing)
         rel = f"images/{job.id}.nii.gz"
         shape, spacing = write_nifti(Path(job.output) / rel, hu, affine)
-        notes = []
-        if geom.sheared:
-            notes.append(f"gantry tilt {geom.tilt_deg:.1f} deg resampled")
-        if geom.uneven:
-            notes.append("uneven spacing resampled")
-        if geom.missing_slices:
-            notes.append(f"{geom.missing_slices} missing slice(s) interpolated")
-        row.update(status="kept", notes="; ".join(notes), img_path=rel,
+        row.update(status="kept", notes="; ".join(conversion_notes(geom, dropped)), img_path=rel,
                    shape="x".join(map(str, shape)), spacing="x".join(_fmt(s) for s in spacing))
     except DicomError as e:
         row.update(status="dropped" if stage == "header" else "error", reason=_scrub(e.reason, job))
@@ -172,6 +174,24 @@ def process_series(job: SeriesJob) -> dict[str, str]:
     finally:
         row["seconds"] = _fmt(time.perf_counter() - t0, 2)
     return row
+
+
+def conversion_notes(geom: SeriesGeometry, dropped: Counter) -> list[str]:
+    """What was done to a kept series beyond reading it, in words (the report's ``notes``)."""
+    notes = []
+    if dropped.get("off-orientation"):
+        notes.append(f"{dropped['off-orientation']} slice(s) of another orientation or matrix left out")
+    if geom.sheared:
+        notes.append(f"gantry tilt {geom.tilt_deg:.1f} deg resampled")
+    if geom.mixed_thickness:
+        notes.append(f"slice thickness {_fmt(geom.thickness)}-{_fmt(geom.max_thickness)} mm resampled "
+                     f"to one spacing")
+    elif geom.uneven:
+        notes.append("uneven spacing resampled")
+    if geom.missing_slices:
+        uncovered = "" if geom.max_uncovered is None else f" (largest uncovered gap {_fmt(geom.max_uncovered)} mm)"
+        notes.append(f"{geom.missing_slices} missing slice(s) interpolated{uncovered}")
+    return notes
 
 
 def _read_headers(paths: list[str]) -> list[SliceHeader | None]:
@@ -277,6 +297,7 @@ def prepare_dicom(
     criteria: Criteria,
     workers: int = 1,
     salt: str | None = None,
+    slice_spacing: float | None = None,
 ) -> dict[str, int]:
     """Convert every selected series under ``input_dir``; see the module docstring for outputs.
 
@@ -286,6 +307,8 @@ def prepare_dicom(
         criteria: selection rules.
         workers: processes for header reading and conversion (1 = in this process).
         salt: pseudonym key; default: OUTPUT/.salt, created on the first run.
+        slice_spacing: spacing in mm along the slice (or, with tilt, table) axis of every output
+            grid; None: each series' own (median, or the finest where the thickness changes).
     Returns:
         Counts: files, not_dicom, series, kept, dropped, error, reused, processed.
     """
@@ -296,7 +319,11 @@ def prepare_dicom(
     for stale in (out / "images").glob(".tmp-*"):  # left by an interrupted run
         stale.unlink()
     key = load_salt(out, salt)
+    if slice_spacing is not None and not slice_spacing > 0:
+        raise ValueError(f"--spacing-mm must be > 0, got {slice_spacing}")
     settings = f"v{PIPELINE_VERSION}-{criteria.fingerprint()}"
+    if slice_spacing is not None:
+        settings += f"-z{_fmt(slice_spacing, 4)}"
 
     files = list(iter_files(inp, exclude=[out]))
     headers = list(scan_headers(files, workers))
@@ -307,7 +334,8 @@ def prepare_dicom(
         patient = first.patient_key or f"study:{first.study_uid}"  # no PatientID: one group per study
         jobs.append(SeriesJob(id=pseudonym(key, "series", uid), patient_id=pseudonym(key, "patient", patient),
                               study_id=pseudonym(key, "study", first.study_uid), slices=slices,
-                              criteria=criteria, output=str(out), settings=settings))
+                              criteria=criteria, output=str(out), settings=settings,
+                              slice_spacing=slice_spacing))
 
     report_path = out / "series_report.csv"
     rows = read_report(report_path)
@@ -356,12 +384,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="parallel processes (default: %(default)s)")
     p.add_argument("--salt", default=None, help="pseudonym key (default: OUTPUT/.salt, created once)")
     p.add_argument("--modality", nargs="+", default=["CT"], help="allowed Modality values")
-    p.add_argument("--min-thickness", type=float, default=0.5, help="min SliceThickness in mm")
-    p.add_argument("--max-thickness", type=float, default=5.0, help="max SliceThickness in mm")
+    p.add_argument("--min-thickness", type=float, default=0.5,
+                   help="min SliceThickness in mm (of the thinnest slices when it changes within a series)")
+    p.add_argument("--max-thickness", type=float, default=5.0,
+                   help="max SliceThickness in mm (of the thinnest slices when it changes within a series)")
     p.add_argument("--min-slices", type=int, default=20, help="fewest usable slices")
     p.add_argument("--max-gap-mm", type=float, default=5.0,
-                   help="drop a series with a gap between slices above this (never below 1.5x its "
-                        "median spacing); smaller gaps are interpolated")
+                   help="drop a series whose slices leave more than this uncovered between neighbours "
+                        "(spacing - mean of the two SliceThickness values; without SliceThickness: the "
+                        "spacing, never below 1.5x the median); smaller gaps are interpolated")
+    p.add_argument("--spacing-mm", type=float, default=None,
+                   help="slice spacing of every output grid along the slice (with tilt: table) axis; "
+                        "default: each series' own, the finest where the thickness changes")
     return p.parse_args(argv)
 
 
@@ -376,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             max_thickness=args.max_thickness, min_slices=args.min_slices, max_gap_mm=args.max_gap_mm,
         )
         t0 = time.perf_counter()
-        counts = prepare_dicom(args.input, args.output, criteria, workers=args.workers, salt=args.salt)
+        counts = prepare_dicom(args.input, args.output, criteria, workers=args.workers, salt=args.salt,
+                               slice_spacing=args.spacing_mm)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{counts['series']} series in {counts['files']} files ({counts['not_dicom']} not DICOM): "

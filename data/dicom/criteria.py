@@ -8,6 +8,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from data.dicom.geometry import SeriesGeometry
 from data.dicom.headers import SliceHeader
 
@@ -91,12 +93,17 @@ class Criteria:
     Args:
         patterns: allowed combinations (see ``load_criteria``); empty = every description/kVp/kernel.
         modalities: allowed Modality values.
-        min_thickness, max_thickness: SliceThickness range in mm (the median slice spacing is
-            used when the tag is missing).
+        min_thickness, max_thickness: SliceThickness range in mm, checked on the thinnest slices
+            (a series that starts thin and goes on thick is judged by its best resolution; its
+            thick part must still leave no uncovered gap above ``max_gap_mm``). The median slice
+            spacing stands in when no slice has the tag.
         min_slices: fewest usable slices.
-        max_gap_mm: largest allowed gap between neighbouring slices; never below 1.5 x the median
+        max_gap_mm: largest allowed uncovered distance between neighbouring slices, i.e.
+            ``spacing - (thickness_k + thickness_k+1) / 2`` along the normal (0 for contiguous
+            slices of any thickness, negative for overlapping ones). When a slice has no
+            SliceThickness, the spacing itself is limited instead, never below 1.5 x the median
             spacing so that a regular series is not dropped for its own spacing. Smaller gaps are
-            interpolated (and counted as missing slices when about 2x, 3x, ... the median).
+            interpolated (and counted as missing slices when about 2x, 3x, ... the regular spacing).
     """
 
     patterns: list[dict[str, str]] = field(default_factory=list)
@@ -139,18 +146,31 @@ class Criteria:
         return None
 
     def gap_limit(self, median_spacing: float) -> float:
-        """Largest allowed gap (mm) for a series with this median slice spacing."""
+        """Largest allowed spacing (mm) between slices without SliceThickness, for this median spacing."""
         return max(self.max_gap_mm, 1.5 * median_spacing)
 
     def check_geometry(self, geom: SeriesGeometry) -> str | None:
-        """Reason to drop a series by thickness, slice count or gap size, or None."""
+        """Reason to drop a series by thickness, slice count or uncovered gap, or None."""
         thickness = geom.thickness
         if not self.min_thickness - 1e-3 <= thickness <= self.max_thickness + 1e-3:
-            return f"slice thickness {thickness:.2f} mm outside [{self.min_thickness}, {self.max_thickness}]"
+            thickest = f" (thinnest; thickest {geom.max_thickness:.2f} mm)" if geom.mixed_thickness else ""
+            return (f"slice thickness {thickness:.2f} mm{thickest} outside "
+                    f"[{self.min_thickness}, {self.max_thickness}]")
         if len(geom.slices) < self.min_slices:
             return f"{len(geom.slices)} slices < minimum {self.min_slices}"
+        if geom.uncovered is not None:
+            k = int(np.argmax(geom.uncovered))
+            if geom.uncovered[k] > self.max_gap_mm + 1e-6:
+                t0, t1 = geom.thicknesses[k], geom.thicknesses[k + 1]  # type: ignore[index]
+                thick = f"{t0:.2f} mm" if abs(t0 - t1) <= 1e-6 else f"{t0:.2f} and {t1:.2f} mm"
+                numbers = [geom.slices[i].instance for i in (k, k + 1)]
+                which = f"InstanceNumber {numbers[0]} and {numbers[1]}" if None not in numbers else "slices"
+                return (f"gap of {geom.gaps[k]:.2f} mm between {which} ({thick} thick, sorted positions {k} and "
+                        f"{k + 1}) leaves {geom.uncovered[k]:.2f} mm uncovered, above the limit "
+                        f"{self.max_gap_mm:.2f} mm")
+            return None
         limit = self.gap_limit(geom.median_spacing)
         if geom.max_gap > limit + 1e-6:
-            return f"gap of {geom.max_gap:.2f} mm between slices exceeds the limit {limit:.2f} mm"
+            return (f"gap of {geom.max_gap:.2f} mm between slices exceeds the limit {limit:.2f} mm "
+                    f"(no SliceThickness: spacing limited, not coverage)")
         return None
-

@@ -21,12 +21,18 @@ from data.dicom.errors import DicomError
 from data.dicom.headers import SliceHeader
 
 
+# Slices whose SliceThickness differs by more than this (mm) count as of different thickness.
+THICKNESS_TOL_MM = 0.01
+
+
 @dataclass
 class SeriesGeometry:
     """Sorted slices of one series and the geometry derived from their headers (LPS mm).
 
     ``offsets[k]`` = position of slice k minus that of slice 0, expressed along
-    (row_dir, col_dir, normal); without tilt the first two columns are ~0.
+    (row_dir, col_dir, normal); without tilt the first two columns are ~0. Distances between
+    slices and thicknesses are measured along the normal (SliceThickness is perpendicular to the
+    image plane, also with gantry tilt).
     """
 
     slices: list[SliceHeader]  # sorted along the normal, ascending
@@ -42,19 +48,85 @@ class SeriesGeometry:
     median_spacing: float
     max_gap: float
     missing_slices: int
-    uneven: bool
+    uneven: bool  # spacing between planes not constant (jitter, missing slices, mixed thickness)
     tilt_deg: float  # angle between table_dir and normal
     inplane_shift: float  # largest in-plane offset of a slice origin from slice 0 (mm)
-    thickness: float  # SliceThickness, or the median spacing when the tag is missing
+    thickness: float  # thinnest SliceThickness, or the median spacing when no slice has the tag
+    max_thickness: float = 0.0  # thickest SliceThickness (= thickness when uniform or missing)
+    thicknesses: np.ndarray | None = None  # [K] SliceThickness per sorted slice, NaN where missing
+    # [K-1] distance between neighbouring slabs not covered by either: gap - (t_k + t_k+1) / 2
+    # (negative when they overlap); None when some slice has no SliceThickness.
+    uncovered: np.ndarray | None = None
+    finest_spacing: float = 0.0  # regular spacing of the thinnest slices (median_spacing when uniform)
+
+    def __post_init__(self) -> None:
+        self.max_thickness = max(self.max_thickness, self.thickness)
+        self.finest_spacing = self.finest_spacing or self.median_spacing
 
     @property
     def sheared(self) -> bool:
         """True when slices are shifted in-plane (gantry tilt): needs a 3D resampling."""
         return self.inplane_shift > 0.05 * min(self.row_spacing, self.col_spacing)
 
+    @property
+    def mixed_thickness(self) -> bool:
+        """True when the SliceThickness changes within the series (e.g. thin slices, then thick ones)."""
+        return self.max_thickness - self.thickness > THICKNESS_TOL_MM
+
+    @property
+    def max_uncovered(self) -> float | None:
+        """Largest uncovered distance between neighbouring slices (mm), None without SliceThickness."""
+        return None if self.uncovered is None else float(self.uncovered.max())
+
+    @property
+    def slice_step(self) -> float:
+        """Spacing along the normal that a uniform grid of this series uses by default: the finest
+        regular spacing when thickness changes (no detail of the thin part is lost), else the median."""
+        return self.finest_spacing if self.mixed_thickness else self.median_spacing
+
+
+def _thickness_classes(thick: np.ndarray) -> np.ndarray:
+    """[K] class label per slice: slices of equal SliceThickness (within the tolerance) share one;
+    every slice without the tag shares class -1."""
+    labels = np.full(len(thick), -1, dtype=np.int64)
+    known = np.isfinite(thick)
+    if known.any():
+        labels[known] = np.round(thick[known] / THICKNESS_TOL_MM).astype(np.int64)
+    return labels
+
+
+def _reference_spacing(gaps: np.ndarray, thick: np.ndarray, median: float) -> tuple[np.ndarray, float]:
+    """The regular spacing expected between each pair of neighbours, and the finest one.
+
+    Each run of slices of one thickness has its own regular spacing: the median gap between two
+    neighbours of that thickness. A pair's expected gap is the mean of its two slices' spacings
+    (thin-to-thick boundary: (4 + 7) / 2 for contiguous 4 mm and 7 mm slices). A thickness with no
+    neighbouring pair of its own uses the thickness itself. Without SliceThickness: the median.
+
+    Returns:
+        (expected gap per pair [K-1], finest regular spacing).
+    """
+    labels = _thickness_classes(thick)
+    same = labels[:-1] == labels[1:]
+    spacing_of: dict[int, float] = {}
+    for label in np.unique(labels):
+        inside = same & (labels[:-1] == label)
+        if inside.any():
+            spacing_of[int(label)] = float(np.median(gaps[inside]))
+        else:
+            first = int(np.argmax(labels == label))
+            spacing_of[int(label)] = float(thick[first]) if label >= 0 else median
+    per_slice = np.array([spacing_of[int(v)] for v in labels])
+    return (per_slice[:-1] + per_slice[1:]) / 2, min(spacing_of.values())
+
 
 def analyse_geometry(slices: list[SliceHeader], series: str = "series") -> SeriesGeometry:
-    """Sort slices along the normal and measure gaps, missing slices and gantry tilt.
+    """Sort slices along the normal and measure gaps, coverage, missing slices and gantry tilt.
+
+    A gap counts as ``round(gap / expected) - 1`` missing slices when it is over 1.5 times the
+    regular spacing expected there (see ``_reference_spacing``: the spacing of slices of that
+    thickness), so the steps between contiguous thick slices of a series that starts thin are
+    not mistaken for holes.
 
     Args:
         slices: headers sharing one orientation, matrix and pixel spacing (``select_slices``).
@@ -89,9 +161,13 @@ def analyse_geometry(slices: list[SliceHeader], series: str = "series") -> Serie
     if dup or median <= 0:
         raise DicomError(series, f"{dup or len(slices) - 1} slice(s) share a position with another "
                                  f"(several acquisitions in one series?)")
-    ratio = gaps / median
+    thick = np.array([h.thickness if h.thickness is not None and h.thickness > 0 else np.nan for h in slices])
+    expected, finest = _reference_spacing(gaps, thick, median)
+    ratio = gaps / expected
     missing = int(sum(int(round(x)) - 1 for x in ratio if x > 1.5))
     uneven = bool(np.any(np.abs(gaps - median) > max(0.01 * median, 1e-3)))
+    known = np.isfinite(thick)
+    uncovered = gaps - (thick[:-1] + thick[1:]) / 2 if known.all() else None
 
     # Table direction: principal axis of the positions, pointing along +normal.
     _, _, vt = np.linalg.svd(rel - rel.mean(axis=0), full_matrices=False)
@@ -102,12 +178,13 @@ def analyse_geometry(slices: list[SliceHeader], series: str = "series") -> Serie
     inplane = float(np.max(np.hypot(offsets[:, 0], offsets[:, 1])))
 
     sp = slices[0].pixel_spacing
-    thickness = slices[0].thickness if slices[0].thickness and slices[0].thickness > 0 else median
+    thinnest = float(np.min(thick[known])) if known.any() else median
+    thickest = float(np.max(thick[known])) if known.any() else median
     return SeriesGeometry(
         slices=slices, row_dir=r, col_dir=c, normal=n, table_dir=d,
         row_spacing=float(sp[0]), col_spacing=float(sp[1]),  # type: ignore[index]
         origin=pos[0], offsets=offsets, gaps=gaps, median_spacing=median,
         max_gap=float(gaps.max()), missing_slices=missing, uneven=uneven,
-        tilt_deg=tilt, inplane_shift=inplane, thickness=float(thickness),
+        tilt_deg=tilt, inplane_shift=inplane, thickness=thinnest, max_thickness=thickest,
+        thicknesses=thick, uncovered=uncovered, finest_spacing=finest,
     )
-
