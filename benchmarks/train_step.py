@@ -43,7 +43,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root
 
@@ -469,8 +469,9 @@ def main(argv=None) -> dict:
                    help="instead of timing: the loss of --steps steps in bf16 against fp32, same seed")
     p.add_argument("--rtol", type=float, default=0.1,
                    help="--compare-amp: largest relative loss difference accepted at any step (default 0.1)")
-    p.add_argument("--rtol-first", type=float, default=0.01,
-                   help="--compare-amp: the same at the first step, from the same weights (default 0.01)")
+    p.add_argument("--rtol-first", type=float, default=0.02,
+                   help="--compare-amp: the same at the first step, from the same weights (default 0.02; "
+                        "DINO's sharp teacher, temperature 0.04, magnifies the rounding of its logits)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0 = torch's default; 1 on a CPU shared with other jobs)")
     p.add_argument("--json", default="", help="write the results here")
