@@ -187,14 +187,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         folder = out / f"pretrain_{m}"
         if not (folder / "backbone.pth").is_file():
             print(f"[pretrain_gain] pretraining {m} -> {folder}", flush=True)
-            times[f"pretrain_{m}"] = run(entry(f"main_pretrain_{m}.py", f"{m}.yaml", folder), out / "logs" / f"pretrain_{m}.log")
+            times[f"pretrain_{m}"] = run(entry(f"main_pretrain_{m}.py", f"{m}.yaml", folder),
+                                         out / "logs" / f"pretrain_{m}.log")
         backbones[m] = str(folder / "backbone.pth")
 
     results: dict[str, Any] = {"linear": {}, "fewshot": {}, "pretrain": {}}
     for m in args.methods:
         rows = [json.loads(line) for line in open(out / f"pretrain_{m}" / "metrics.jsonl")]
         losses = [r["loss"] for r in rows if "epoch_s" in r]  # the epoch-end rows
-        results["pretrain"][m] = {"epochs": len(losses), "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        results["pretrain"][m] = {"epochs": len(losses), "first_loss": losses[0] if losses else None,
+                                  "last_loss": losses[-1] if losses else None,
                                   "seconds": times.get(f"pretrain_{m}")}
 
     # linear probes: the pool is chosen on validation, per backbone
@@ -205,7 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             folder = out / f"linear_{b}_{pool}"
             if not (folder / "metrics.json").is_file():
                 print(f"[pretrain_gain] linear probe {b} ({pool}) -> {folder}", flush=True)
-                times[f"linear_{b}_{pool}"] = run(entry("main_downstream.py", "probe.yaml", folder, "MODEL.PRETRAINED", ckpt,
+                times[f"linear_{b}_{pool}"] = run(entry("main_downstream.py", "probe.yaml", folder,
+                                                        "MODEL.PRETRAINED", ckpt,
                                                         "MODEL.POOL", pool), out / "logs" / f"linear_{b}_{pool}.log")
             met = read_metrics(folder)
             val = met["val"][LABEL]["auroc"]
@@ -213,7 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 best = (pool, val if val is not None else -1.0, met)
         pool_of[b] = best[0]
         t = best[2]["test"][LABEL]
-        results["linear"][b] = {"pool": best[0], "val_auroc": best[1], "auroc": t["auroc"], "auroc_ci95": t["auroc_ci95"],
+        results["linear"][b] = {"pool": best[0], "val_auroc": best[1], "auroc": t["auroc"],
+                                "auroc_ci95": t["auroc_ci95"],
                                 "folder": str(out / f"linear_{b}_{best[0]}")}
 
     # collapse monitor: the spectrum of each backbone's training features (the pool the probe kept)
@@ -250,7 +254,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             folder = out / f"fewshot_{b}_k{k}"
             if not (folder / "metrics.json").is_file():
                 print(f"[pretrain_gain] few-shot K={k} {b} -> {folder}", flush=True)
-                times[f"fewshot_{b}_k{k}"] = run(entry("main_downstream.py", "probe.yaml", folder, "MODEL.PRETRAINED", ckpt,
+                times[f"fewshot_{b}_k{k}"] = run(entry("main_downstream.py", "probe.yaml", folder,
+                                                       "MODEL.PRETRAINED", ckpt,
                                                        "MODEL.POOL", pool_of[b], "DOWNSTREAM.MODE", "fewshot",
                                                        "DOWNSTREAM.FEW_SHOT_K", str(k), "DOWNSTREAM.FEW_SHOT_SEEDS",
                                                        str(seeds)), out / "logs" / f"fewshot_{b}_k{k}.log")

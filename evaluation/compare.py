@@ -247,7 +247,8 @@ def compare_predictions(path_a: str, path_b: str, labels: Optional[Sequence[str]
 
 def format_comparison(result: dict[str, Any]) -> str:
     """A text table of :func:`compare_predictions` (one row per level and label) and its sentences."""
-    head = f"{'level':<6} {'label':<16} {'n':>6} {'AUROC A':>8} {'AUROC B':>8} {'A - B':>7} {'paired 95% CI':>17} {'DeLong p':>9}"
+    head = (f"{'level':<6} {'label':<16} {'n':>6} {'AUROC A':>8} {'AUROC B':>8} {'A - B':>7} {'paired 95% CI':>17} "
+            f"{'DeLong p':>9}")
     lines, sentences = [head, "-" * len(head)], []
 
     def num(v: Optional[float], fmt: str) -> str:
