@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -82,18 +83,21 @@ def write_series(
     series_description: str = "Head 1.0 H30s",
     kvp: str = "120",
     kernel: str = "H30s",
-    thickness: float | None = 1.0,
+    thickness: float | Sequence[float] | np.ndarray | None = 1.0,
     modality: str = "CT",
     image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL"),
     slope: float = 1.0,
     intercept: float = -1024.0,
     explicit: bool = False,
     shuffle: bool = True,
+    tags: dict | None = None,
 ) -> str:
     """Write one CT series: slice k holds ``hu[k]`` ([rows, cols]) at ``positions[k]`` (LPS mm).
 
     Pixels are stored as int16 ``round((hu - intercept) / slope)``; files are written in a shuffled
-    order with shuffled names so that sorting must use the geometry. Returns the SeriesInstanceUID.
+    order with shuffled names so that sorting must use the geometry. ``thickness``: SliceThickness
+    of every slice, or one per slice (``thickness[k]`` for ``hu[k]``); ``tags``: further attributes
+    of every file (e.g. ``{"GantryDetectorTilt": 18.5}``). Returns the SeriesInstanceUID.
     """
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
@@ -108,8 +112,11 @@ def write_series(
         ds.SeriesDescription = series_description
         ds.KVP = kvp
         ds.ConvolutionKernel = kernel
-        if thickness is not None:
-            ds.SliceThickness = thickness
+        t = thickness[k] if isinstance(thickness, (Sequence, np.ndarray)) else thickness
+        if t is not None:
+            ds.SliceThickness = round(float(t), 6)
+        for key, value in (tags or {}).items():
+            setattr(ds, key, value)
         ds.InstanceNumber = n + 1
         ds.ImageOrientationPatient = [round(v, 8) for v in orientation]
         ds.ImagePositionPatient = [round(float(v), 6) for v in positions[k]]
