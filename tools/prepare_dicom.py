@@ -313,14 +313,14 @@ def prepare_dicom(
         Counts: files, not_dicom, series, kept, dropped, error, reused, processed.
     """
     inp, out = Path(input_dir).resolve(), Path(output_dir).resolve()
+    if slice_spacing is not None and not slice_spacing > 0:
+        raise ValueError(f"--spacing-mm must be > 0, got {slice_spacing}")
     if not inp.is_dir():
         raise FileNotFoundError(f"{inp}: input folder not found")
     (out / "images").mkdir(parents=True, exist_ok=True)
     for stale in (out / "images").glob(".tmp-*"):  # left by an interrupted run
         stale.unlink()
     key = load_salt(out, salt)
-    if slice_spacing is not None and not slice_spacing > 0:
-        raise ValueError(f"--spacing-mm must be > 0, got {slice_spacing}")
     settings = f"v{PIPELINE_VERSION}-{criteria.fingerprint()}"
     if slice_spacing is not None:
         settings += f"-z{_fmt(slice_spacing, 4)}"
