@@ -176,18 +176,23 @@ def test_report_keeps_thin_then_thick_and_names_bad_input(tmp_path: Path, tilt: 
     other = series_case(np.full(24, 2.0), tilt + 10.0)
     write_series(tmp_path / "in" / "orient_odd", other["hu"][odd], other["positions"][odd], other["orientation"],
                  SPACING, series_uid=uids["mixed_orient"], study_uid=study, thickness=2.0)
+    # A stray slice of another orientation beside a complete series: left out, and said so.
+    uids["stray"] = write_series(tmp_path / "in" / "stray", **series_case(np.full(24, 2.5), tilt), study_uid=study)
+    write_series(tmp_path / "in" / "stray_odd", other["hu"][:1], other["positions"][:1], other["orientation"],
+                 SPACING, series_uid=uids["stray"], study_uid=study)
     # Unreadable pixel data in one slice.
     uids["broken"] = write_series(tmp_path / "in" / "broken", **series_case(np.full(24, 2.5), tilt), study_uid=study)
     victim = sorted((tmp_path / "in" / "broken").iterdir())[5]
     victim.write_bytes(victim.read_bytes()[:-100])
 
-    assert main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--criteria", "",
-                 "--min-slices", "10", "--workers", "1", "--salt", "k"]) == 0
+    # The defaults, as a new user runs it (criteria file, 0.5-5 mm, 20 slices, 5 mm gaps).
+    assert main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--workers", "1",
+                 "--salt", "k"]) == 0
     rows = {row["id"]: row for row in read_report(tmp_path / "out")}
     row = {name: rows[pseudonym("k", "series", uid)] for name, uid in uids.items()}
     status = {name: r["status"] for name, r in row.items()}
     assert status == {"regular": "kept", "thin_thick": "kept", "hole": "dropped", "missing": "kept",
-                      "mixed_orient": "dropped", "broken": "error"}
+                      "mixed_orient": "dropped", "stray": "kept", "broken": "error"}
 
     tt = row["thin_thick"]
     assert (tt["thickness_min"], tt["thickness_max"], tt["max_uncovered"], tt["missing_slices"]) == ("4", "7", "0", "0")
@@ -201,6 +206,7 @@ def test_report_keeps_thin_then_thick_and_names_bad_input(tmp_path: Path, tilt: 
     orient = row["mixed_orient"]
     assert orient["dropped_slices"] == "off-orientation:3"  # left out, and the hole they leave is named
     assert "gap of 8.00 mm" in orient["reason"] and "6.00 mm uncovered" in orient["reason"]
+    assert "1 slice(s) of another orientation or matrix left out" in row["stray"]["notes"]
     assert "cannot read pixel data of slice" in row["broken"]["reason"]
 
     img = nib.load(tmp_path / "out" / tt["img_path"])
