@@ -24,7 +24,7 @@ $(EDITABLE): pyproject.toml $(STAMP)
 	rm -rf *.egg-info  # build by-product of setuptools, not needed by the editable install
 	touch $(EDITABLE)
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -21,7 +21,6 @@ of machine load hits both alike.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib
 import os

@@ -46,8 +46,9 @@ def build_backbone(cfg: Any) -> nn.Module:
 
     in_chans = ``len(DATA.WINDOWS)``. ViTs: ``img_size = DATA.ROI``, ``MODEL.PATCH_SIZE``,
     ``MODEL.NUM_REGISTERS``, ``MODEL.POS_EMBED``, ``MODEL.POOL``, ``MODEL.DROP_PATH``, and a mask
-    token when ``DINO.IBOT_WEIGHT > 0``. MONAI encoders: width ``MODEL.FEATURE_SIZE`` or, when 0, :data:`STANDARD_WIDTH` (swin embed dim,
-    segresnet init filters, resnet first-stage channels); ``MODEL.POOL`` does not apply (mean pool).
+    token when ``DINO.IBOT_WEIGHT > 0``. MONAI encoders: width ``MODEL.FEATURE_SIZE`` or, when 0,
+    :data:`STANDARD_WIDTH` (swin embed dim, segresnet init filters, resnet first-stage channels);
+    ``MODEL.POOL`` does not apply (mean pool).
 
     Args:
         cfg: the config tree.

@@ -14,9 +14,9 @@ Examples (see datasets/README.md for the whole pipeline)::
 Output: ``OUT/train.csv``, ``OUT/val.csv``, ``OUT/test.csv`` with columns ``img_path`` (relative
 to ``--root``), ``id``, ``patient_id``, dataset keys (CQ500 ``category``; RSNA ``study_uid`` and
 ``series_uid``, or the pseudonymised ``series_id``/``study_id`` of a tools/prepare_dicom.py
-manifest, whose ``.salt`` key is picked up beside it) and 0/1 label columns (blank = unknown). No patient is in two splits; patients
-are stratified by the ``--stratify`` label (default ICH: a patient counts positive when any of
-its scans is).
+manifest, whose ``.salt`` key is picked up beside it) and 0/1 label columns (blank = unknown).
+No patient is in two splits; patients are stratified by the ``--stratify`` label (default ICH: a
+patient counts positive when any of its scans is).
 
 Grouping is implemented here in :func:`split_groups` (whole patients, largest-remainder allocation
 of patients per stratum). ``data.manifest.patient_split`` balances rows without strata, so it is not
@@ -177,7 +177,8 @@ def cq500_labels(reads_csv: str) -> tuple[dict[str, dict[str, float]], dict[str,
     return labels, category, names
 
 
-def rsna_labels(labels_csv: str, metadata_csv: str, level: str) -> tuple[dict[str, dict[str, float]], dict[str, str], dict[str, tuple[str, str]]]:
+def rsna_labels(labels_csv: str, metadata_csv: str, level: str
+                ) -> tuple[dict[str, dict[str, float]], dict[str, str], dict[str, tuple[str, str]]]:
     """RSNA per-slice labels -> per-series or per-study labels (positive when any slice is).
 
     Args:
@@ -503,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", default="", help="folder of NIfTI volumes (CQ500: patient name in the path; "
                                                   "RSNA: <SeriesInstanceUID>.nii.gz)")
     src.add_argument("--image-map", default="", help="CSV with img_path and the key column (CQ500: patient_id; "
-                                                     "RSNA: series_uid or study_uid), e.g. prepare_dicom's manifest.csv")
+                                                     "RSNA: series_uid or study_uid), e.g. prepare_dicom's "
+                                                     "manifest.csv")
     p.add_argument("--rsna-metadata", default="", help="RSNA: CSV SOPInstanceUID (or ID), StudyInstanceUID, "
                                                        "SeriesInstanceUID, PatientID, one row per slice")
     p.add_argument("--out", required=True, help="folder for train.csv, val.csv, test.csv")

@@ -70,7 +70,7 @@ def test_loss_matches_hand_computation():
     tt, st = 0.04, 0.1
     pt = np_softmax((t - c) / tt)
     log_ps = np.log(np_softmax(s / st))
-    terms, ents = [], []
+    terms = []
     for i in range(g):
         for v in range(g + n_local):
             if v != i:

@@ -1,6 +1,5 @@
 import csv
 import math
-from pathlib import Path
 
 import pytest
 
@@ -191,7 +190,8 @@ def test_pseudonymised_image_maps(tmp_path):
     (prep / ".salt").write_text(salt + "\n")
     _write(prep / "manifest.csv", ["img_path", "id", "patient_id", "study_id", "series_id"],
            [[f"images/{pseudonym(salt, 'series', 'ID_' + s)}.nii.gz", pseudonym(salt, "series", "ID_" + s),
-             pseudonym(salt, "patient", "ID_" + p), pseudonym(salt, "study", "ID_" + t), pseudonym(salt, "series", "ID_" + s)]
+             pseudonym(salt, "patient", "ID_" + p), pseudonym(salt, "study", "ID_" + t),
+             pseudonym(salt, "series", "ID_" + s)]
             for s, t, p in (("S1", "T1", "P1"), ("S2", "T2", "P1"), ("S3", "T3", "P2"))])
     out = tmp_path / "splits"
     main(["--dataset", "rsna", "--labels", str(labels), "--rsna-metadata", str(meta),
