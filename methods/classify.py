@@ -240,7 +240,8 @@ def build_classifier(cfg: Any, backbone: nn.Module, train_labels: np.ndarray, fr
 def average_buffers(method: Classifier) -> None:
     """Average the floating-point buffers (BatchNorm running statistics) of the trained parts over ranks.
 
-    DDP runs with ``broadcast_buffers=False``, so each rank's running statistics follow its own
+    DDP does not sync buffers at each forward (``engine.trainer.wrap_ddp``), so each rank's running
+    statistics follow its own
     batches; averaging them before every evaluation makes every rank's model (and the saved one)
     the same. A frozen backbone's buffers are identical already and are left untouched.
     """
