@@ -26,8 +26,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from scipy.stats import norm, rankdata
 
-from evaluation.metrics import (_CHUNK_ELEMENTS, _auroc_resamples, _check_pair, _percentile_ci, _score_levels,
-                                group_aggregate, read_predictions_csv)
+from evaluation.metrics import (_auroc_resamples, _check_pair, _percentile_ci, _score_levels, group_aggregate,
+                                read_predictions_csv, stratified_resamples)
 
 ALPHA = 0.05
 
@@ -110,15 +110,10 @@ def paired_bootstrap_diff(y_true: Any, score_a: Any, score_b: Any, n_bootstrap: 
     if n_bootstrap <= 0 or pos_i.size == 0 or neg_i.size == 0:
         return np.empty(0)
     levels = [_score_levels(row) for row in (*a, *b)]
-    rng = np.random.default_rng(seed)
     out = np.empty(n_bootstrap)
-    rows = max(1, _CHUNK_ELEMENTS // t.size)
-    for s in range(0, n_bootstrap, rows):
-        k = min(rows, n_bootstrap - s)
-        idx = np.concatenate([pos_i[rng.integers(0, pos_i.size, (k, pos_i.size))],
-                              neg_i[rng.integers(0, neg_i.size, (k, neg_i.size))]], axis=1)  # [k, N]
+    for s, idx in stratified_resamples(pos_i, neg_i, n_bootstrap, seed):
         aucs = np.stack([_auroc_resamples(t, lv, n_lv, idx) for lv, n_lv in levels])  # [2S, k]
-        out[s:s + k] = (aucs[:a.shape[0]] - aucs[a.shape[0]:]).mean(axis=0)
+        out[s:s + idx.shape[0]] = (aucs[:a.shape[0]] - aucs[a.shape[0]:]).mean(axis=0)
     return out
 
 

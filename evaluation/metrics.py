@@ -134,6 +134,20 @@ def _score_levels(p: np.ndarray) -> tuple[np.ndarray, int]:
     return inv.reshape(-1), int(uniq.size)
 
 
+def stratified_resamples(pos_i: np.ndarray, neg_i: np.ndarray, n_bootstrap: int, seed: int):
+    """Yield ``(start, idx [b, N])`` chunks of ``n_bootstrap`` resamples, positives and negatives apart.
+
+    Every resample keeps the class counts (``len(pos_i)`` positives, then ``len(neg_i)`` negatives);
+    chunks bound memory to about :data:`_CHUNK_ELEMENTS` indices. The same seed gives the same resamples.
+    """
+    rng = np.random.default_rng(seed)
+    rows = max(1, _CHUNK_ELEMENTS // (pos_i.size + neg_i.size))
+    for s in range(0, n_bootstrap, rows):
+        b = min(rows, n_bootstrap - s)
+        yield s, np.concatenate([pos_i[rng.integers(0, pos_i.size, (b, pos_i.size))],
+                                 neg_i[rng.integers(0, neg_i.size, (b, neg_i.size))]], axis=1)
+
+
 def bootstrap_auroc(y_true: Any, y_prob: Any, n_bootstrap: int = 1000, seed: int = 0) -> np.ndarray:
     """AUROC of ``n_bootstrap`` stratified resamples (positives and negatives resampled apart).
 
@@ -154,15 +168,10 @@ def bootstrap_auroc(y_true: Any, y_prob: Any, n_bootstrap: int = 1000, seed: int
     pos_i, neg_i = np.flatnonzero(t == 1), np.flatnonzero(t == 0)
     if n_bootstrap <= 0 or pos_i.size == 0 or neg_i.size == 0:
         return np.empty(0)
-    rng = np.random.default_rng(seed)
     levels, n_levels = _score_levels(p)
     out = np.empty(n_bootstrap)
-    rows = max(1, _CHUNK_ELEMENTS // t.size)
-    for s in range(0, n_bootstrap, rows):
-        b = min(rows, n_bootstrap - s)
-        idx = np.concatenate([pos_i[rng.integers(0, pos_i.size, (b, pos_i.size))],
-                              neg_i[rng.integers(0, neg_i.size, (b, neg_i.size))]], axis=1)  # [b, N]
-        out[s:s + b] = _auroc_resamples(t, levels, n_levels, idx)
+    for s, idx in stratified_resamples(pos_i, neg_i, n_bootstrap, seed):
+        out[s:s + idx.shape[0]] = _auroc_resamples(t, levels, n_levels, idx)
     return out
 
 
