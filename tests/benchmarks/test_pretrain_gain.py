@@ -5,28 +5,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
-from benchmarks.pretrain_gain import feature_spectrum, fewshot_paired, main
+from benchmarks.pretrain_gain import feature_spectrum, main, mean_paired_diff
 from tools.medmnist_to_manifest import convert
 
 ADRENAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "medmnist" / "adrenalmnist3d_64.npz"
 
 
-def test_fewshot_paired_matches_direct_auroc_differences():
+def test_mean_paired_diff_matches_direct_auroc_differences():
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(20), np.zeros(40)].astype(int)
     a = rng.normal(size=(3, 60)) + y  # A separates the classes, B hardly
     b = rng.normal(size=(3, 60)) + 0.2 * y
-    r = fewshot_paired(y, a, b, n_bootstrap=300, seed=0)
+    r = mean_paired_diff(y, a, b, n_bootstrap=300, seed=0)
     direct = np.mean([roc_auc_score(y, a[s]) - roc_auc_score(y, b[s]) for s in range(3)])
     assert r["diff"] == pytest.approx(direct)
+    per_row = [roc_auc_score(y, a[s]) - roc_auc_score(y, b[s]) for s in range(3)]
+    assert r["diff_range"] == pytest.approx([min(per_row), max(per_row)])
     assert r["ci95"][0] < r["diff"] < r["ci95"][1]
     assert r["significant"] and r["ci95"][0] > 0
-    same = fewshot_paired(y, a, a.copy(), n_bootstrap=50, seed=0)
+    same = mean_paired_diff(y, a, a.copy(), n_bootstrap=50, seed=0)
     assert same["diff"] == 0 and same["ci95"] == [0.0, 0.0] and not same["significant"]
+    # one model against several random inits: the gain over their mean AUROC
+    one = mean_paired_diff(y, np.repeat(a[:1], 3, axis=0), b, n_bootstrap=50, seed=0)
+    assert one["diff"] == pytest.approx(roc_auc_score(y, a[0]) - np.mean([roc_auc_score(y, row) for row in b]))
     with pytest.raises(ValueError, match="shapes"):
-        fewshot_paired(y, a, b[:2], n_bootstrap=10, seed=0)
+        mean_paired_diff(y, a, b[:2], n_bootstrap=10, seed=0)
 
 
 def test_feature_spectrum_counts_the_directions_features_use():
@@ -54,7 +60,19 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tmp_path):
         assert r["pool"] in ("cls", "mean") and 0 <= r["auroc"] <= 1
         assert 1 <= r["features"]["effective_rank"] <= r["features"]["dim"]
         if b != "random":
-            assert set(r["vs_random"]) >= {"diff", "ci95", "p_value", "significant"}
+            vs = r["vs_random"]
+            assert set(vs) >= {"diff", "ci95", "p_bootstrap", "significant", "per_init", "inits_beaten"}
+            assert len(vs["per_init"]) == 2 and all("p_value" in c for c in vs["per_init"])
+            assert vs["diff"] == pytest.approx(np.mean([c["diff"] for c in vs["per_init"]]))
+    # two random inits: two different backbones, one pool for both, the row their mean
+    rnd = report["linear"]["random"]
+    assert report["random_inits"] == 2 and [d["seed"] for d in rnd["inits"]] == [0, 1]
+    w0, w1 = (torch.load(out / "random_init" / f"seed_{i}" / "backbone.pth", weights_only=True) for i in (0, 1))
+    assert w0.keys() == w1.keys() and any(not torch.equal(w0[k], w1[k]) for k in w0 if w0[k].is_floating_point())
+    assert all(Path(d["folder"]).name.endswith(rnd["pool"]) for d in rnd["inits"])
+    assert rnd["auroc"] == pytest.approx(np.mean([d["auroc"] for d in rnd["inits"]]))
+    assert rnd["auroc_range"][0] <= rnd["auroc"] <= rnd["auroc_range"][1]
+    assert len(report["fewshot"]["2"]["random"]["auroc_init_means"]) == 2
     for m in ("mae", "dino", "simclr"):
         assert report["pretrain"][m]["epochs"] == 1
         f = report["fewshot"]["2"][m]
