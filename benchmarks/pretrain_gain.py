@@ -23,8 +23,8 @@ writes them). Every step is a real run of the entry scripts, in this order, each
    -> ``features_<backbone>/``) and their effective rank (:func:`feature_spectrum`).
 
 "Random" is several inits, not one: how well a frozen random ViT separates the classes depends on
-its init (on AdrenalMNIST3D the test AUROC of a linear probe on one random init ranged 0.72-0.82
-over five seeds), so a gain over a single init measures that init as much as the pretraining.
+its init (on AdrenalMNIST3D the test AUROC of a linear probe on one random init ranged 0.746-0.804
+over torch seeds 0-4), so a gain over a single init measures that init as much as the pretraining.
 The gain of a backbone is ``AUROC(backbone) - mean over inits of AUROC(random init)``, **paired**:
 the same bootstrap resamples of the test cases score every model, the difference averaged over
 inits (and few-shot draws) inside each resample (:func:`mean_paired_diff`). Each init is also
@@ -44,6 +44,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, from any folder
 
@@ -119,8 +120,6 @@ def mean_paired_diff(y: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray, n_bo
         ``diff`` (mean over rows), ``diff_std`` (over rows), ``diff_range`` ([min, max] over rows),
         ``ci95``, ``p_bootstrap`` (two-sided) and ``significant`` (the CI excludes 0).
     """
-    from sklearn.metrics import roc_auc_score
-
     if prob_a.shape != prob_b.shape or prob_a.shape[1] != len(y):
         raise ValueError(f"paired predictions of shapes {prob_a.shape} and {prob_b.shape} for {len(y)} test cases")
     per_row = np.array([roc_auc_score(y, a) - roc_auc_score(y, b) for a, b in zip(prob_a, prob_b)])
@@ -166,12 +165,12 @@ def random_backbone(cfg_file: Path, opts: Sequence[str], seed: int, path: Path) 
     return str(path)
 
 
-def seed_predictions(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Test ids, targets ``[N]`` and probabilities ``[S, N]`` of every ``seed_<s>/`` of a few-shot run."""
-    seeds = sorted(folder.glob("seed_*/predictions.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
-    if not seeds:
-        raise FileNotFoundError(f"{folder}: no seed_<s>/predictions.csv")
-    return stack_predictions(seeds)
+def seed_files(folder: Path, expected: int) -> list[Path]:
+    """The ``seed_<s>/predictions.csv`` of a few-shot run in seed order; raises unless there are ``expected``."""
+    files = sorted(folder.glob("seed_*/predictions.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if len(files) != expected:
+        raise FileNotFoundError(f"{folder}: {len(files)} seed_<s>/predictions.csv, expected {expected}")
+    return files
 
 
 def fmt_ci(v: Optional[float], ci: Optional[Sequence[float]], signed: bool = False) -> str:
@@ -262,12 +261,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         return max(POOLS, key=lambda pool: np.mean([probe[n][pool]["val_auroc"] for n in names]))
 
     pool_of = {m: best_pool([m]) for m in args.methods}
-    pool_of.update({r: best_pool(randoms) for r in randoms})
+    random_pool = best_pool(randoms)
+    pool_of.update({r: random_pool for r in randoms})
     for m in args.methods:
         results["linear"][m] = {"pool": pool_of[m], **probe[m][pool_of[m]]}
     inits = [{"seed": i, **probe[r][pool_of[r]]} for i, r in enumerate(randoms)]
     test = [d["auroc"] for d in inits]
-    results["linear"]["random"] = {"pool": pool_of[randoms[0]],
+    results["linear"]["random"] = {"pool": random_pool,
                                    "val_auroc": float(np.mean([d["val_auroc"] for d in inits])),
                                    "auroc": float(np.mean(test)), "auroc_range": [min(test), max(test)],
                                    "auroc_sd": float(np.std(test, ddof=1)) if len(test) > 1 else 0.0,
@@ -302,14 +302,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     # paired gains over the random inits (scan level: MedMNIST has no patient column)
     rand_preds = [Path(d["folder"]) / "predictions.csv" for d in inits]
-    ids_r, y_r, p_r = stack_predictions(rand_preds)
     for b in list(args.methods) + ["supervised"]:
         entry_b = results["supervised"] if b == "supervised" else results["linear"][b]
         pred = Path(entry_b["folder"]) / "predictions.csv"
-        ids_b, y_b, p_b = stack_predictions([pred])
-        if ids_b != ids_r or not np.array_equal(y_b, y_r):
-            raise ValueError(f"{pred} and {rand_preds[0]} hold different test cases")
-        gain = mean_paired_diff(y_r, np.repeat(p_b, n_init, axis=0), p_r, n_boot, seed=0)
+        _, y, p = stack_predictions([pred, *rand_preds])  # row 0: the backbone, then the inits
+        gain = mean_paired_diff(y, np.repeat(p[:1], n_init, axis=0), p[1:], n_boot, seed=0)
         gain["per_init"] = [compare_predictions(str(pred), str(rp), labels=[LABEL], n_bootstrap=n_boot, seed=0,
                                                 name_a=b, name_b=f"random init {i}")["scan"][LABEL]
                             for i, rp in enumerate(rand_preds)]
@@ -317,7 +314,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         entry_b["vs_random"] = gain
 
     # few-shot: the same draws (seeds) for every backbone; gains pair every draw with every random init
-    from sklearn.metrics import roc_auc_score
     for k in args.shots:
         per_k: dict[str, Any] = {}
         for b, ckpt in backbones.items():
@@ -333,21 +329,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 summ = read_metrics(folder)["test"][LABEL]
                 per_k[b] = {"auroc_mean": summ.get("auroc_mean"), "auroc_std": summ.get("auroc_std"),
                             "folder": str(folder)}
-        draws = [seed_predictions(out / f"fewshot_{r}_k{k}") for r in randoms]
-        for ids, y, _ in draws[1:]:
-            if ids != draws[0][0] or not np.array_equal(y, draws[0][1]):
-                raise ValueError(f"fewshot_random_s*_k{k}: the random inits hold different test cases")
-        ids_r, y_r, _ = draws[0]
-        p_r = np.concatenate([p for _, _, p in draws])  # [R * S, N], init-major
+        rand_files = [f for r in randoms for f in seed_files(out / f"fewshot_{r}_k{k}", seeds)]  # init-major
+        _, y_r, p_r = stack_predictions(rand_files)  # [R * S, N]
         aucs = [roc_auc_score(y_r, row) for row in p_r]
         per_k["random"] = {"auroc_mean": float(np.mean(aucs)), "auroc_std": float(np.std(aucs, ddof=1)),
                            "auroc_init_means": [float(np.mean(aucs[i * seeds:(i + 1) * seeds])) for i in range(n_init)],
                            "folders": [str(out / f"fewshot_{r}_k{k}") for r in randoms]}
         for b in args.methods:
-            ids_b, y_b, p_b = seed_predictions(out / f"fewshot_{b}_k{k}")
-            if ids_b != ids_r or not np.array_equal(y_b, y_r) or len(p_b) * n_init != len(p_r):
-                raise ValueError(f"fewshot_{b}_k{k} and fewshot_random_s*_k{k} hold different test cases or draws")
-            per_k[b]["vs_random"] = mean_paired_diff(y_r, np.tile(p_b, (n_init, 1)), p_r, n_boot, seed=0)
+            _, y, p = stack_predictions(seed_files(out / f"fewshot_{b}_k{k}", seeds) + rand_files)
+            p_b, p_r = p[:seeds], p[seeds:]  # the backbone's draws, then every init's
+            per_k[b]["vs_random"] = mean_paired_diff(y, np.tile(p_b, (n_init, 1)), p_r, n_boot, seed=0)
         results["fewshot"][str(k)] = per_k
 
     results["seconds_total"] = time.time() - t_start
