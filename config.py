@@ -82,6 +82,15 @@ _C.TRAIN.LOG_EVERY = 10  # iterations between logged step lines / metrics.jsonl 
 _C.TRAIN.EVAL_EVERY = 1  # epochs between validation passes (when DATA.VAL_CSV is set)
 
 # ---------------------------------------------------------------------------------------------
+# Collapse monitor of every pretraining run (evaluation/collapse.py, engine/monitor.py): once per
+# epoch, and once before the first step, the backbone that backbone.pth holds embeds a fixed set of
+# scans; metrics.jsonl and TensorBoard get feature_rank (RankMe effective rank) and feature_std (std
+# of the l2-normalised embeddings, about 1/sqrt(dim) when healthy, towards 0 when collapsed).
+_C.MONITOR = CN()
+_C.MONITOR.NUM_SCANS = 256  # scans of DATA.VAL_CSV (TRAIN_CSV when unset), evenly spaced rows (0 = off)
+_C.MONITOR.RANK_WARN_FRACTION = 0.5  # warn when feature_rank falls below this fraction of its initial value
+
+# ---------------------------------------------------------------------------------------------
 _C.MAE = CN()
 _C.MAE.MASK_RATIO = 0.75  # fraction of patches hidden per sample (0.9 also works in 3D)
 _C.MAE.NORM_PIX_LOSS = True  # normalise each target patch by its mean/std (sharper features)
@@ -170,12 +179,13 @@ NON_NEGATIVE = ("MODEL.FEATURE_SIZE", "TRAIN.EPOCHS", "TRAIN.WARMUP_EPOCHS", "TR
                 "TRAIN.CLIP_GRAD", "DATA.NUM_WORKERS", "DOWNSTREAM.SAMPLES_PER_EPOCH", "TRAIN.BASE_LR",
                 "TRAIN.MIN_LR", "TRAIN.WEIGHT_DECAY", "MAE.VIS_EVERY", "DINO.KNN_EVERY",
                 "DINO.FREEZE_LAST_LAYER_EPOCHS", "SIMCLR.ROTATION_WEIGHT", "SIMCLR.INPAINT_WEIGHT",
-                "DINO.KOLEO_WEIGHT", "DINO.IBOT_WEIGHT")
+                "DINO.KOLEO_WEIGHT", "DINO.IBOT_WEIGHT", "MONITOR.NUM_SCANS")
 POSITIVE = ("DATA.BATCH_SIZE", "TRAIN.ACCUM_STEPS", "TRAIN.LOG_EVERY", "TRAIN.EVAL_EVERY",
             "DOWNSTREAM.FEW_SHOT_K", "DOWNSTREAM.FEW_SHOT_SEEDS", "DINO.GLOBAL_CROPS", "DINO.OUT_DIM",
             "SIMCLR.TEMPERATURE", "SIMCLR.PATCHES_PER_SCAN", "DOWNSTREAM.BOOTSTRAP")
 FRACTIONS = ("MAE.MASK_RATIO", "DATA.MAX_BAD_FRACTION", "MODEL.MIN_LOADED_FRACTION",
-             "SIMCLR.INPAINT_MASK_RATIO", "DINO.CENTER_MOMENTUM")
+             "SIMCLR.INPAINT_MASK_RATIO", "DINO.CENTER_MOMENTUM",
+             "MONITOR.RANK_WARN_FRACTION")
 
 
 class ConfigError(ValueError):

@@ -6,6 +6,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from engine import dist
+from engine.monitor import build_monitor
 from engine.trainer import Trainer
 
 
@@ -41,7 +42,7 @@ def pretrain(cfg, build_method: Callable[[object, nn.Module], nn.Module],
             val_loader = dist.make_loader(val_set, cfg, train=False, collate_fn=collate)
         method = build_method(cfg, build_backbone_from_cfg(cfg))
         trainer = Trainer(cfg, method, dist.make_loader(train_set, cfg, train=True, collate_fn=collate),
-                          val_loader, evaluator=evaluator)
+                          val_loader, evaluator=evaluator, monitor=build_monitor(cfg))
         return trainer.fit()
     finally:
         dist.cleanup()

@@ -2,7 +2,8 @@
 
 A method is an ``nn.Module`` whose ``forward(batch)`` returns ``{"loss": tensor, **scalars}``.
 Optional hooks on the (unwrapped) method: ``on_step_start(it, epoch, total_iters)``,
-``on_after_backward(epoch)``, ``on_step_end(it)``, ``backbone_state_dict()``, ``lr_scales()``,
+``on_after_backward(epoch)``, ``on_step_end(it)``, ``exported_backbone()`` (the module ``backbone.pth``
+holds when it is not ``method.backbone``), ``lr_scales()``,
 ``visualize(batch) -> {tag: image [C, H, W]}`` with attribute ``vis_every`` (epochs).
 
 Preemption: SIGTERM or SIGUSR1 makes every rank finish the current optimizer step, write
@@ -27,6 +28,7 @@ from config import save_config
 from engine import checkpoint as ckpt
 from engine import dist
 from engine.logging import RunLogger, Timer, format_eta, memory_mb
+from engine.monitor import CollapseMonitor, exported_backbone
 from engine.optim import build_optimizer, param_groups, scaled_lr
 from engine.schedules import cosine
 
@@ -109,11 +111,13 @@ class Trainer:
             ``checkpoint_best.pth``.
         num_train_samples: size of the training set for the bad-input fraction (default: the
             train loader's dataset length).
+        monitor: optional collapse monitor (:class:`engine.monitor.CollapseMonitor`), run on every
+            rank before the first step and after every epoch; its numbers join the epoch's row.
     """
 
     def __init__(self, cfg, method: nn.Module, train_loader, val_loader=None,
                  evaluator: Optional[Callable[[nn.Module, int], dict]] = None,
-                 num_train_samples: Optional[int] = None):
+                 num_train_samples: Optional[int] = None, monitor: Optional[CollapseMonitor] = None):
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
@@ -125,6 +129,7 @@ class Trainer:
         self.log = RunLogger(cfg.OUTPUT, self.is_main)
         self.method = method.to(self.device)
         self.train_loader, self.val_loader, self.evaluator = train_loader, val_loader, evaluator
+        self.monitor = monitor
         self.num_train_samples = num_train_samples or len(train_loader.dataset)
 
         lr_scales = method.lr_scales() if hasattr(method, "lr_scales") else None
@@ -172,6 +177,7 @@ class Trainer:
             "best_score": self.best_score, "best_epoch": self.best_epoch,
             "world_size": self.world,
             "config": self.cfg.dump(),
+            "monitor": self.monitor.state_dict() if self.monitor is not None else {},
         }
 
     def save(self, names: list[str]) -> None:
@@ -186,9 +192,7 @@ class Trainer:
 
     def save_backbone(self) -> None:
         if self.is_main:
-            m = self.method
-            sd = m.backbone_state_dict() if hasattr(m, "backbone_state_dict") else m.backbone.state_dict()
-            ckpt.atomic_save(sd, os.path.join(self.cfg.OUTPUT, "backbone.pth"))
+            ckpt.atomic_save(exported_backbone(self.method).state_dict(), os.path.join(self.cfg.OUTPUT, "backbone.pth"))
 
     def resume(self) -> bool:
         path = ckpt.resume_path(self.cfg.TRAIN.RESUME, self.cfg.OUTPUT)
@@ -202,6 +206,8 @@ class Trainer:
         self.iteration = state["iteration"]
         self.epoch_sums = dict(state["epoch_sums"])
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        if self.monitor is not None:
+            self.monitor.load_state_dict(state.get("monitor", {}))
         rngs = state["rng"]
         if len(rngs) == self.world:
             ckpt.set_rng_state(rngs[self.rank])
@@ -407,6 +413,13 @@ class Trainer:
                       f"{n_params / 1e6:.2f}M trainable parameters; lr {self.lr:.3g} (global batch "
                       f"{cfg.DATA.BATCH_SIZE * self.world * self.accum})")
         row: dict = {}
+        first_row: dict = {}  # the untrained backbone's monitor numbers, logged with the first epoch
+        if self.monitor is not None and not self.monitor.initial and self.iteration == 0:
+            init = self.monitor(self.method)
+            first_row = {"feature_rank_init": init["feature_rank"], "feature_std_init": init["feature_std"]}
+            self.log.info(f"collapse monitor: {len(self.monitor)} scans of {self.monitor.source}; untrained "
+                          f"backbone feature_rank {init['feature_rank']:.2f} feature_std {init['feature_std']:.4f} "
+                          f"({init['monitor_s']:.1f}s)")
         with self._signals():
             while self.epoch < cfg.TRAIN.EPOCHS:
                 t0 = time.perf_counter()
@@ -418,6 +431,10 @@ class Trainer:
                         row.update(self.validate())
                     if self.evaluator is not None:
                         row.update(self.evaluator(self.method, self.epoch))
+                if self.monitor is not None:
+                    row.update(self.monitor(self.method, self.log))
+                    row.update(first_row)
+                    first_row = {}
                 self._visualize()
                 self._write_skipped()
                 if "score" in row and row["score"] is not None and row["score"] > self.best_score:

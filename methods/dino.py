@@ -21,7 +21,7 @@ What the reference head-CT DINO got wrong and this file gets right:
   holds (the engine seeds the model init identically), and the EMA follows the DDP-averaged
   student, so the teacher stays identical on every rank;
 * the checkpoint (``state_dict``) holds student, teacher and centre, so resume is exact;
-  ``backbone.pth`` is the TEACHER backbone (:meth:`DINO.backbone_state_dict`);
+  ``backbone.pth`` is the TEACHER backbone (:meth:`DINO.exported_backbone`);
 * weight decay spares norms, biases, tokens and position embeddings (engine parameter groups).
 
 Monitoring scalars of every step: ``teacher_entropy`` (mean entropy of the teacher distribution:
@@ -273,9 +273,9 @@ class DINO(nn.Module):
         torch._foreach_mul_(teacher, m)
         torch._foreach_add_(teacher, student, alpha=1.0 - m)
 
-    def backbone_state_dict(self) -> dict:
+    def exported_backbone(self) -> nn.Module:
         """What ``backbone.pth`` holds: the TEACHER backbone (the EMA weights DINO evaluates)."""
-        return self.teacher["backbone"].state_dict()
+        return self.teacher["backbone"]
 
     # ------------------------------------------------------------------------------- forward
     @torch.no_grad()

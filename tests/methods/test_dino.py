@@ -225,7 +225,7 @@ def test_state_holds_student_teacher_center_and_backbone_is_teacher(tmp_path):
     fresh = tiny_method(seed=7)
     load_state_strict(fresh, sd, "test")
     assert torch.equal(fresh.center, m.center) and bool(fresh.center_ready)
-    bb = m.backbone_state_dict()
+    bb = m.exported_backbone().state_dict()
     assert all(torch.equal(v, m.teacher["backbone"].state_dict()[k]) for k, v in bb.items())
     path = tmp_path / "backbone.pth"
     torch.save(bb, path)
