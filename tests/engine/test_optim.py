@@ -63,6 +63,18 @@ def test_layer_decay_and_head_scale():
 def test_optimizer_and_lr_scaling():
     cfg = get_config(["--opts", "DATA.BATCH_SIZE", "16", "TRAIN.ACCUM_STEPS", "2", "TRAIN.BASE_LR", "1e-3"])
     assert scaled_lr(cfg, world_size=4) == 1e-3 * 16 * 4 * 2 / 256
-    opt = build_optimizer(cfg, param_groups(Method()))
-    assert isinstance(opt, torch.optim.AdamW)
-    assert all("lr_scale" in g and "wd_scale" in g for g in opt.param_groups)
+    m = Method()
+    groups = param_groups(m, layer_decay=0.5, lr_scales={"head.": 10.0})
+    opt = build_optimizer(cfg, groups)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == tuple(cfg.TRAIN.BETAS)
+    # every optimizer group holds the same parameters with the same scales as the group it came from
+    assert len(opt.param_groups) == len(groups)
+    for g, built in zip(groups, opt.param_groups):
+        assert [id(p) for p in built["params"]] == [id(p) for p in g["params"]]
+        assert (built["lr_scale"], built["wd_scale"], built["lr"]) == (g["lr_scale"], g["wd_scale"], 1e-3)
+        assert "names" not in built
+    scale = {n: (g["lr_scale"], g["wd_scale"]) for g in groups for n in g["names"]}
+    assert scale["head.weight"] == (10.0, 1.0) and scale["head.bias"] == (10.0, 0.0)
+    assert scale["backbone.pos_embed"] == (0.5 ** 3, 0.0) and scale["backbone.blocks.1.weight"] == (0.5, 1.0)
+    sgd = build_optimizer(get_config(["--opts", "TRAIN.OPTIMIZER", "sgd"]), param_groups(m))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9

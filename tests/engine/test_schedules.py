@@ -33,7 +33,17 @@ def test_linear_warmup_then_constant():
     assert linear_warmup(31, 0.04, 0.07, 30) == 0.07
 
 
+def test_cosine_holds_final_past_its_end():
+    # a resumed or extended run asks for iterations past total_iters: the value stays at final
+    for it in (100, 101, 150, 200, 10_000):
+        assert cosine(it, 1.0, 0.5, 100) == pytest.approx(0.5, abs=1e-15)
+        assert cosine(it, 1.0, 0.1, 100, warmup_iters=10) == pytest.approx(0.1, abs=1e-15)
+        assert cosine(it, 0.996, 1.0, 100) == pytest.approx(1.0, abs=1e-15)  # rising (EMA momentum)
+    # and follows the closed form just before: final + (base - final) * (1 + cos(pi * 89 / 90)) / 2
+    assert cosine(99, 1.0, 0.1, 100, warmup_iters=10) == pytest.approx(
+        0.1 + 0.45 * (1 + math.cos(math.pi * 89 / 90)), rel=1e-12)
+
+
 def test_bad_total():
     with pytest.raises(ValueError, match="total_iters"):
         cosine(0, 1, 0, 0)
-    assert not math.isnan(cosine(200, 1.0, 0.5, 100))

@@ -1,5 +1,6 @@
 """The training loop on a toy method: contract files, exact resume after SIGTERM, two real
-processes under torchrun (Gloo), non-finite loss."""
+processes under torchrun (Gloo), non-finite loss; each parameter group's lr and weight decay at
+every step of a fine-tuning run (layer-wise decay, head lr scale) against the cosine schedule."""
 import json
 import os
 import signal
@@ -8,10 +9,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from engine.trainer import REQUEUE_EXIT_CODE
+from config import get_config
+from engine import dist
+from engine.schedules import cosine
+from engine.trainer import REQUEUE_EXIT_CODE, Trainer
+from methods.classify import build_classifier
+from models.zoo import build_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = str(ROOT / "tests" / "engine" / "toy_train.py")
@@ -112,3 +119,76 @@ def test_non_finite_loss_stops_naming_batch_and_saves_nothing_bad(tmp_path):
     state = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
     assert state["epoch"] == 1 and state["iteration"] == 16  # the last good epoch, not the NaN step
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+class Volumes(torch.utils.data.Dataset):
+    """n random 16^3 volumes with a binary label; keys are ``index`` or ``(index, epoch)``."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key
+        g = torch.Generator().manual_seed(index)
+        return {"image": torch.rand(1, 16, 16, 16, generator=g), "label": torch.tensor([float(index % 2)]),
+                "index": index}
+
+
+def test_each_group_gets_its_scaled_lr_and_wd_at_every_step(tmp_path):
+    # 8 samples, batch 2, 2 accumulation steps: 2 optimizer steps per epoch, 6 in all, 2 of warm-up
+    cfg = get_config(["--opts", "OUTPUT", str(tmp_path), "MODEL.NAME", "vit_tiny", "MODEL.PATCH_SIZE", "[8, 8, 8]",
+                      "DATA.ROI", "[16, 16, 16]", "DATA.WINDOWS", "['brain']", "DATA.BATCH_SIZE", "2",
+                      "DATA.NUM_WORKERS", "0", "TRAIN.ACCUM_STEPS", "2", "TRAIN.EPOCHS", "3",
+                      "TRAIN.WARMUP_EPOCHS", "1", "TRAIN.BASE_LR", "0.1", "TRAIN.MIN_LR", "1e-4",
+                      "TRAIN.WEIGHT_DECAY", "0.1", "TRAIN.WEIGHT_DECAY_END", "0.3", "TRAIN.LAYER_DECAY", "0.5",
+                      "TRAIN.LOG_EVERY", "1", "TRAIN.SAVE_EVERY", "0", "DOWNSTREAM.LABELS", "['ICH']",
+                      "DOWNSTREAM.HEAD_LR_SCALE", "7.0"])
+    torch.manual_seed(0)
+    method = build_classifier(cfg, build_backbone(cfg), np.array([[0.0], [1.0]]), frozen=False)
+    data = Volumes(8)
+    trainer = Trainer(cfg, method, dist.make_loader(data, cfg, train=True))
+
+    # the scales written out from the layer-wise decay rule (BEiT / MAE fine-tuning): ViT depth 12,
+    # embeddings at depth 0, block i at i + 1, the final norm at 13 (lr * 1), the head at HEAD_LR_SCALE
+    def lr_scale(name):
+        if name.startswith("head."):
+            return 7.0
+        if name.startswith(("backbone.patch_embed.", "backbone.cls_token")):
+            return 0.5 ** 13
+        if name.startswith("backbone.blocks."):
+            return 0.5 ** (12 - int(name.split(".")[2]))
+        return 1.0
+
+    def wd_scale(name, p):
+        return 0.0 if p.ndim <= 1 or name.endswith(".bias") or name == "backbone.cls_token" else 1.0
+
+    params = dict(method.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    assert any(n.startswith("backbone.blocks.11.") for n in names.values())  # the backbone trains too
+    seen = []  # per optimizer step: [(lr, weight_decay, names)] of every group, as the step used them
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(
+        [(g["lr"], g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in opt.param_groups]))
+    trainer.fit()
+
+    lr0 = 0.1 * 2 * 1 * 2 / 256  # BASE_LR x global batch (2 x 1 rank x 2 accumulation) / 256
+    assert len(seen) == 6
+    covered = set()
+    for it, groups in enumerate(seen):
+        lr = cosine(it, lr0, 1e-4, total_iters=6, warmup_iters=2)
+        wd = cosine(it, 0.1, 0.3, total_iters=6)
+        for group_lr, group_wd, group_names in groups:
+            for n in group_names:
+                assert group_lr == pytest.approx(lr * lr_scale(n), rel=1e-12), (it, n)
+                assert group_wd == pytest.approx(wd * wd_scale(n, params[n]), rel=1e-12, abs=0), (it, n)
+                covered.add(n)
+    assert covered == set(names.values())  # every trainable parameter, in some group, at every step
+    assert seen[0][0][0] == 0.0 and [g[0] for g in seen[2]] != [g[0] for g in seen[5]]  # warm-up, decay
+
+    steps = [r for r in rows(tmp_path) if "step" in r]
+    assert [r["it"] for r in steps] == [1, 2, 3, 4, 5, 6]  # logged after each step: the lr that step used
+    for r in steps:
+        assert r["lr"] == pytest.approx(cosine(r["it"] - 1, lr0, 1e-4, 6, 2), rel=1e-12)
+        assert r["wd"] == pytest.approx(cosine(r["it"] - 1, 0.1, 0.3, 6), rel=1e-12)
