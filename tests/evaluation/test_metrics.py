@@ -6,8 +6,8 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from evaluation.metrics import (_auroc_resamples, _score_levels, binary_metrics, bootstrap_auroc, evaluate_split,
-                                group_aggregate, multilabel_metrics, read_predictions_csv, write_metrics_json,
-                                write_predictions_csv, youden_threshold)
+                                group_aggregate, multilabel_metrics, read_predictions_csv, stratified_resamples,
+                                write_metrics_json, write_predictions_csv, youden_threshold)
 
 Y = np.array([0, 0, 1, 1, 0, 1, 0, 1, 1, 0, 0, 1], dtype=float)
 P = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9, 0.6, 0.55, 0.7, 0.3, 0.45, 0.65])
@@ -52,10 +52,47 @@ def test_bootstrap_ci_contains_estimate_and_is_reproducible():
     assert binary_metrics(y, p, n_bootstrap=500, seed=8)["auroc_ci95"] != [lo, hi]
 
 
-def test_bootstrap_shape_10k_samples():
+def delong_se(y, p):
+    """DeLong's standard error of one AUROC, from its structural components (midranks for ties)."""
+    pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
+    v10 = (np.searchsorted(neg, pos, "left") + np.searchsorted(neg, pos, "right")) / (2 * neg.size)
+    v01 = 1 - (np.searchsorted(pos, neg, "left") + np.searchsorted(pos, neg, "right")) / (2 * pos.size)
+    return math.sqrt(v10.var(ddof=1) / pos.size + v01.var(ddof=1) / neg.size)
+
+
+def stratified_by_hand(y, n_bootstrap, seed, sizes):
+    """The resamples of ``bootstrap_auroc``: per chunk of ``sizes[k]`` rows, positives then negatives
+    drawn with replacement from one generator."""
+    gen = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    return np.concatenate([np.concatenate([pos[gen.integers(0, pos.size, (b, pos.size))],
+                                           neg[gen.integers(0, neg.size, (b, neg.size))]], axis=1) for b in sizes])
+
+
+def test_bootstrap_10k_samples_resamples_values_and_spread():
     y, p = _noisy(10_000, seed=2)
     aucs = bootstrap_auroc(y, p, 1000, 0)
     assert aucs.shape == (1000,) and np.isfinite(aucs).all()
+    # the resamples: several chunks of one generator stream, each keeping the class counts
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    chunks = list(stratified_resamples(pos, neg, 1000, 0))
+    sizes = [idx.shape[0] for _, idx in chunks]
+    assert len(chunks) > 1 and sum(sizes) == 1000 and [s for s, _ in chunks] == list(np.cumsum([0] + sizes[:-1]))
+    idx = np.concatenate([c for _, c in chunks])
+    np.testing.assert_array_equal(idx, stratified_by_hand(y, 1000, 0, sizes))
+    assert (y[idx] == 1).sum(axis=1).tolist() == [pos.size] * 1000
+    # each value is sklearn's AUROC of its resample (every 20th and both sides of every chunk edge)
+    edges = np.cumsum(sizes)
+    check = sorted(set(range(0, 1000, 20)) | set(edges[:-1]) | set(edges - 1))
+    want = [roc_auc_score(y[idx[k]], p[idx[k]]) for k in check]
+    np.testing.assert_allclose(aucs[check], want, rtol=0, atol=1e-12)
+    # the spread is AUROC's sampling error: DeLong's SE, and centred on the estimate
+    auc, se = roc_auc_score(y, p), delong_se(y, p)
+    assert np.std(aucs) == pytest.approx(se, rel=0.1)
+    assert np.mean(aucs) == pytest.approx(auc, abs=4 * se / math.sqrt(1000))
+    ci = binary_metrics(y, p, n_bootstrap=1000, seed=0)["auroc_ci95"]
+    np.testing.assert_allclose(ci, np.percentile(aucs, [2.5, 97.5]), rtol=0, atol=1e-12)
+    assert ci[0] == pytest.approx(auc - 1.96 * se, abs=0.006) and ci[1] == pytest.approx(auc + 1.96 * se, abs=0.006)
 
 
 def test_youden_separable_and_applied():
@@ -94,12 +131,53 @@ def test_single_class_label_gives_none(tmp_path):
     assert back["neg_only"]["auroc"] is None and back["neg_only"]["auroc_ci95"] is None
 
 
-def test_macro_ci_joint_bootstrap():
-    y1, p1 = _noisy(300, seed=4)
-    y2, p2 = _noisy(300, seed=5)
-    out = multilabel_metrics(np.stack([y1, y2], 1), np.stack([p1, p2], 1), ["a", "b"], n_bootstrap=300)
+def auroc_by_definition(y, p):
+    """P(positive scores above negative) + 1/2 P(tie), over all positive-negative pairs."""
+    pos, neg = p[y == 1][:, None], p[y == 0][None, :]
+    return float(((pos > neg) + 0.5 * (pos == neg)).mean())
+
+
+def joint_macro_by_hand(t, p, n_bootstrap, seed):
+    """Macro AUROC of each joint resample: one generator draw of N rows for all labels; a label's blank
+    rows count for neither class; a resample where some label lacks a class has no macro (NaN)."""
+    idx = np.random.default_rng(seed).integers(0, t.shape[0], (n_bootstrap, t.shape[0]))
+    macro = []
+    for i in idx:
+        per = []
+        for j in range(t.shape[1]):
+            keep = ~np.isnan(t[i, j])
+            yy, pp = t[i, j][keep], p[i, j][keep]
+            per.append(auroc_by_definition(yy, pp) if 0 < yy.sum() < yy.size else np.nan)
+        macro.append(np.mean(per))
+    return np.array(macro)
+
+
+@pytest.mark.parametrize("n,seed", [(300, 3), (12, 0)])
+def test_macro_ci_joint_bootstrap(n, seed):
+    y1, p1 = _noisy(n, seed=4)
+    y2, p2 = _noisy(n, seed=5)
+    if n == 12:  # few positives: some resamples lack one, and are left out
+        y1 = np.array([1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0], dtype=float)
+        y2 = np.array([0, 1, 0, 0, 0, 1, 0, 0, 1, 0, 1, 0], dtype=float)
+    t, p = np.stack([y1, y2], 1), np.stack([p1, p2], 1)
+    t[::5, 1] = np.nan  # blanks in one label
+    out = multilabel_metrics(t, p, ["a", "b"], n_bootstrap=300, seed=seed)
+    macro = joint_macro_by_hand(t, p, 300, seed)
+    kept = macro[np.isfinite(macro)]
+    assert (kept.size < 300) == (n == 12)
+    np.testing.assert_allclose(out["macro"]["auroc_ci95"], np.percentile(kept, [2.5, 97.5]), rtol=0, atol=1e-12)
     lo, hi = out["macro"]["auroc_ci95"]
     assert lo < out["macro"]["auroc"] < hi
+    # each label's own CI: the stratified bootstrap with seed + j over its labelled rows
+    for j, name in enumerate(["a", "b"]):
+        keep = ~np.isnan(t[:, j])
+        yj, pj = t[keep, j], p[keep, j]
+        idx = stratified_by_hand(yj, 300, seed + j, [300])
+        want = np.percentile([auroc_by_definition(yj[i], pj[i]) for i in idx], [2.5, 97.5])
+        np.testing.assert_allclose(out[name]["auroc_ci95"], want, rtol=0, atol=1e-12)
+    # one label: the macro CI is that label's CI
+    one = multilabel_metrics(t[:, :1], p[:, :1], ["a"], n_bootstrap=300, seed=seed)
+    assert one["macro"]["auroc_ci95"] == one["a"]["auroc_ci95"] == out["a"]["auroc_ci95"]
 
 
 def test_group_aggregate_max_and_nan():
