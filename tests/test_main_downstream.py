@@ -1,6 +1,7 @@
 """main_downstream.py end to end on a tiny phantom: finetune, linear (trained and cached features),
-fewshot; the contract's files; a frozen backbone left bit-identical; batch of one; two processes
-under torchrun writing every test sample once; few-shot draws."""
+fewshot; the contract's files; metrics.json recomputed with scikit-learn from the predictions the run
+wrote; a frozen backbone left bit-identical; batch of one; two processes under torchrun writing every
+test sample once; few-shot draws."""
 import csv
 import json
 import os
@@ -11,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score, roc_curve
 
 import main_downstream
 from config import ConfigError, get_defaults
@@ -68,7 +71,85 @@ def check_run(out: Path, phantom: Path, labels=("ICH",), trained=True) -> dict:
     assert ((probs >= 0) & (probs <= 1)).all()
     log = (out / "log.txt").read_text()
     assert "AUROC [95% CI]" in log and "[test_group]" in log
+    check_metrics_from_files(out, metrics, labels)
     return metrics
+
+
+def read_csv(path: Path, labels) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(groups, probs [N, L], targets [N, L] NaN = blank) of a predictions file, read with csv alone."""
+    rows = list(csv.DictReader(open(path)))
+    probs = np.array([[float(r[f"{n}_prob"]) for n in labels] for r in rows])
+    targets = np.array([[float(r[f"{n}_target"]) if r[f"{n}_target"] else np.nan for n in labels] for r in rows])
+    return [r["group"] for r in rows], probs, targets
+
+
+def by_group(groups, probs, targets):
+    """Patient level: the max probability over a patient's scans, positive when any labelled scan is."""
+    ids = sorted(set(groups))
+    rows = [[i for i, g in enumerate(groups) if g == gid] for gid in ids]
+    p = np.array([probs[r].max(axis=0) for r in rows])
+    t = np.array([[np.nan if np.isnan(targets[r, j]).all() else np.nanmax(targets[r, j])
+                   for j in range(targets.shape[1])] for r in rows])
+    return p, t
+
+
+def youden(y, p):
+    fpr, tpr, thr = roc_curve(y, p)
+    best = int(np.argmax(tpr - fpr))
+    return thr[best] if np.isfinite(thr[best]) else np.nextafter(p.max(), np.inf)
+
+
+def stratified_ci(y, p, n_bootstrap, seed):
+    """Percentile CI of the AUROC over resamples drawn by hand: positives, then negatives, one generator."""
+    gen = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    pi = pos[gen.integers(0, pos.size, (n_bootstrap, pos.size))]
+    ni = neg[gen.integers(0, neg.size, (n_bootstrap, neg.size))]
+    aucs = [((p[a][:, None] > p[b][None]) + 0.5 * (p[a][:, None] == p[b][None])).mean() for a, b in zip(pi, ni)]
+    return np.percentile(aucs, [2.5, 97.5])
+
+
+def check_metrics_from_files(out: Path, metrics: dict, labels) -> None:
+    """Recompute metrics.json from predictions_val.csv and predictions.csv with scikit-learn: AUROC, AP, the
+    Youden thresholds on validation (scan and patient level) applied to test, sensitivity, specificity,
+    accuracy, F1, counts, the bootstrap CI (SEED + j, DOWNSTREAM.BOOTSTRAP resamples) and the macro means."""
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    seed, n_boot = cfg["SEED"], cfg["DOWNSTREAM"]["BOOTSTRAP"]
+    val_groups, val_p, val_t = read_csv(out / "predictions_val.csv", labels)
+    test_groups, test_p, test_t = read_csv(out / "predictions.csv", labels)
+    splits = {"val": (val_p, val_t, None), "test": (test_p, test_t, "val"),
+              "test_group": (*by_group(test_groups, test_p, test_t), "val_group")}
+    val_group_p, val_group_t = by_group(val_groups, val_p, val_t)
+    for section, (prob, target, thr_from) in splits.items():
+        aucs = []
+        for j, name in enumerate(labels):
+            m = metrics[section][name]
+            keep = ~np.isnan(target[:, j])
+            y, p = target[keep, j].astype(int), prob[keep, j]
+            assert (m["n_pos"], m["n_neg"]) == (int(y.sum()), int((1 - y).sum())), (section, name)
+            if thr_from is None:
+                thr = youden(y, p) if 0 < y.sum() < y.size else 0.5
+            else:
+                vp, vt = (val_p, val_t) if thr_from == "val" else (val_group_p, val_group_t)
+                vkeep = ~np.isnan(vt[:, j])
+                vy = vt[vkeep, j]
+                thr = youden(vy, vp[vkeep, j]) if 0 < vy.sum() < vy.size else 0.5
+                assert m["threshold_source"] == (thr_from if 0 < vy.sum() < vy.size else "default")
+            assert m["threshold"] == pytest.approx(thr, rel=1e-6), (section, name)  # files hold 8 digits
+            pred = (p >= thr).astype(int)  # the threshold as rounded in the file: a validation score itself
+            assert m["accuracy"] == pytest.approx((pred == y).mean(), abs=1e-12), (section, name)
+            assert m["specificity"] == pytest.approx(((pred == 0) & (y == 0)).sum() / (y == 0).sum(), abs=1e-12)
+            if y.sum():
+                assert m["sensitivity"] == pytest.approx(((pred == 1) & (y == 1)).sum() / y.sum(), abs=1e-12)
+                assert m["f1"] == pytest.approx(f1_score(y, pred), abs=1e-12), (section, name)
+            if 0 < y.sum() < y.size:
+                aucs.append(roc_auc_score(y, p))
+                assert m["auroc"] == pytest.approx(aucs[-1], abs=1e-9), (section, name)
+                assert m["ap"] == pytest.approx(average_precision_score(y, p), abs=1e-9), (section, name)
+                np.testing.assert_allclose(m["auroc_ci95"], stratified_ci(y, p, n_boot, seed + j), atol=1e-9)
+            else:
+                assert m["auroc"] is None and m["auroc_ci95"] is None
+        assert metrics[section]["macro"]["auroc"] == (pytest.approx(np.mean(aucs), abs=1e-9) if aucs else None)
 
 
 def test_finetune_multilabel_with_blank_labels_writes_contract_files(phantom, tmp_path):
@@ -145,7 +226,13 @@ def test_fewshot_writes_one_folder_per_seed_and_a_summary(phantom, tmp_path, cac
     assert draws[0] != draws[1]
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["n_seeds"] == 2 and saved["seeds"] == [3, 4]
-    assert {"auroc_mean", "auroc_std"} <= set(saved["test"]["ICH"])
+    # the summary is the mean and sample std over the seed folders' metrics.json
+    per_seed = [json.loads((out / f"seed_{s}" / "metrics.json").read_text()) for s in (3, 4)]
+    for section in ("test", "test_group"):
+        aucs = [m[section]["ICH"]["auroc"] for m in per_seed if m[section]["ICH"]["auroc"] is not None]
+        assert saved[section]["ICH"]["auroc_mean"] == pytest.approx(np.mean(aucs), abs=1e-12)
+        assert saved[section]["ICH"]["auroc_std"] == (pytest.approx(np.std(aucs, ddof=1), abs=1e-12)
+                                                      if len(aucs) > 1 else None)
     assert summary["test"]["ICH"]["n_seeds"] == 2
     assert "mean ± std over 2 seeds" in (out / "log.txt").read_text()
 
