@@ -1,5 +1,6 @@
 """benchmarks/pretrain_gain.py end to end on a few real AdrenalMNIST3D volumes (--tiny: one epoch per
-method, one K, two seeds), and its paired few-shot bootstrap against a direct computation."""
+run, two draws and inits, a ViT and a CNN), its label budgets, and its paired bootstrap against a direct
+computation."""
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from benchmarks.pretrain_gain import feature_spectrum, main, mean_paired_diff
+from benchmarks.pretrain_gain import budget_name, budget_rows, main, mean_auroc, mean_paired_diff, parse_budget
 from tools.medmnist_to_manifest import convert
 
 ADRENAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "medmnist" / "adrenalmnist3d_64.npz"
@@ -35,17 +36,50 @@ def test_mean_paired_diff_matches_direct_auroc_differences():
         mean_paired_diff(y, a, b[:2], n_bootstrap=10, seed=0)
 
 
-def test_feature_spectrum_counts_the_directions_features_use():
-    rng = np.random.default_rng(0)
-    iso = feature_spectrum(rng.normal(size=(4000, 16)))
-    assert iso["dim"] == 16 and 15 < iso["effective_rank"] <= 16 and iso["top10_share"] < 0.7
-    line = np.outer(rng.normal(size=500), rng.normal(size=8)) + 1e-6 * rng.normal(size=(500, 8))
-    one = feature_spectrum(line)
-    assert one["effective_rank"] == pytest.approx(1.0, abs=1e-3) and one["top1_share"] > 0.999
-    # two directions of equal variance: exp(log 2) = 2; standardising cannot undo a real collapse
-    two = feature_spectrum(np.c_[rng.normal(size=(4000, 2)), np.zeros((4000, 3))])
-    assert two["effective_rank"] == pytest.approx(2.0, abs=0.05)
-    assert two["effective_rank_standardized"] == pytest.approx(2.0, abs=0.05)
+def test_mean_auroc_is_the_mean_over_draws_with_a_bootstrap_ci():
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(30), np.zeros(50)].astype(int)
+    p = rng.normal(size=(3, 80)) + y
+    r = mean_auroc(y, p, n_bootstrap=400, seed=0)
+    assert r["auroc"] == pytest.approx(np.mean([roc_auc_score(y, row) for row in p]))
+    assert r["aurocs"] == pytest.approx([roc_auc_score(y, row) for row in p])
+    assert r["ci95"][0] < r["auroc"] < r["ci95"][1] and r["ci95"][1] - r["ci95"][0] < 0.3
+    # the CI is the percentile of the per-resample mean AUROC: rebuild one resample by hand
+    from evaluation.metrics import stratified_resamples
+    _, idx = next(stratified_resamples(np.flatnonzero(y == 1), np.flatnonzero(y == 0), 400, 0))
+    by_hand = np.array([np.mean([roc_auc_score(y[i], row[i]) for row in p]) for i in idx])
+    assert np.percentile(by_hand, [2.5, 97.5]) == pytest.approx(r["ci95"], abs=1e-9)
+
+
+def test_budgets_are_class_stratified_draws():
+    assert parse_budget("16") == ("per_class", 16) and parse_budget("10%") == ("fraction", 0.1)
+    assert budget_name("16") == "k16" and budget_name("10%") == "p10" and budget_name("100%") == "p100"
+    for bad in ("0", "-3", "1.5", "0%", "150%", "ten"):
+        with pytest.raises(ValueError, match="budget"):
+            parse_budget(bad)
+    y = np.r_[np.ones(40), np.zeros(160), [np.nan] * 5]
+    k = budget_rows(y, "16", seed=0)
+    assert (y[k] == 1).sum() == 16 and (y[k] == 0).sum() == 16
+    assert not np.array_equal(k, budget_rows(y, "16", seed=1))  # draws differ
+    assert np.array_equal(k, budget_rows(y, "16", seed=0))  # and repeat
+    f = budget_rows(y, "10%", seed=0)
+    assert (y[f] == 1).sum() == 4 and (y[f] == 0).sum() == 16
+    assert np.array_equal(budget_rows(y, "100%", seed=3), np.flatnonzero(~np.isnan(y)))
+    with pytest.raises(ValueError, match="class 1"):
+        budget_rows(y, "1%", seed=0)  # 0.4 positives: the class would be empty
+    with pytest.raises(ValueError, match="class 1"):
+        budget_rows(y, "41", seed=0)
+
+
+def test_bad_study_input_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="no train.csv"):
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    for s in ("train", "val", "test"):
+        (tmp_path / f"{s}.csv").write_text("img_path,id,label\na.nii.gz,a,1\nb.nii.gz,b,0\n")
+    with pytest.raises(SystemExit, match="leaves the class empty"):
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--budgets", "10%"])
+    with pytest.raises(SystemExit, match="--archs vgg"):
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--archs", "vgg", "--budgets", "100%"])
 
 
 @pytest.mark.slow
@@ -54,35 +88,47 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tmp_path):
     data = tmp_path / "adrenal"
     convert(str(ADRENAL), str(data), limit=16)  # 16 scans per split: both classes in each
     out = tmp_path / "study"
-    report = main(["--data", str(data), "--out", str(out), "--tiny", "--shots", "2"])
-    assert set(report["linear"]) == {"random", "mae", "dino", "simclr"}
-    for b, r in report["linear"].items():
-        assert r["pool"] in ("cls", "mean") and 0 <= r["auroc"] <= 1
-        assert 1 <= r["features"]["effective_rank"] <= r["features"]["dim"]
-        if b != "random":
-            vs = r["vs_random"]
-            assert set(vs) >= {"diff", "ci95", "p_bootstrap", "significant", "per_init", "inits_beaten"}
-            assert len(vs["per_init"]) == 2 and all("p_value" in c for c in vs["per_init"])
-            assert vs["diff"] == pytest.approx(np.mean([c["diff"] for c in vs["per_init"]]))
-    # two random inits: two different backbones, one pool for both, the row their mean
-    rnd = report["linear"]["random"]
-    assert report["random_inits"] == 2 and [d["seed"] for d in rnd["inits"]] == [0, 1]
-    w0, w1 = (torch.load(out / "random_init" / f"seed_{i}" / "backbone.pth", weights_only=True) for i in (0, 1))
-    assert w0.keys() == w1.keys() and any(not torch.equal(w0[k], w1[k]) for k in w0 if w0[k].is_floating_point())
-    assert all(Path(d["folder"]).name.endswith(rnd["pool"]) for d in rnd["inits"])
-    assert rnd["auroc"] == pytest.approx(np.mean([d["auroc"] for d in rnd["inits"]]))
-    assert rnd["auroc_range"][0] <= rnd["auroc"] <= rnd["auroc_range"][1]
-    assert len(report["fewshot"]["2"]["random"]["auroc_init_means"]) == 2
-    for m in ("mae", "dino", "simclr"):
-        assert report["pretrain"][m]["epochs"] == 1
-        f = report["fewshot"]["2"][m]
-        assert len(list(Path(f["folder"]).glob("seed_*/predictions.csv"))) == 2
-        assert -1 <= f["vs_random"]["diff"] <= 1
-    assert "vs_random" in report["supervised"]
+    argv = ["--data", str(data), "--out", str(out), "--tiny", "--archs", "vit_tiny", "resnet18",
+            "--methods", "simclr", "--budgets", "2", "100%"]
+    report = main(argv)
+    assert report["archs"] == ["vit_tiny", "resnet18"] and report["draws"] == 2
+    for arch, res in report["results"].items():
+        assert list(res["pretrain"]) == ["simclr"]
+        p = res["pretrain"]["simclr"]
+        assert p["epochs"] == 1 and p["feature_rank_init"] >= 1 and len(p["feature_rank"]) == 1  # the monitor
+        assert set(res["features"]) == {"simclr", "random_s0", "random_s1"}
+        assert res["features"]["simclr"]["pool"] in (("cls", "mean") if arch == "vit_tiny" else ("avg",))
+        # two random inits: two different backbones
+        w0, w1 = (torch.load(out / arch / "random_init" / f"seed_{i}" / "backbone.pth", weights_only=True)
+                  for i in (0, 1))
+        assert any(not torch.equal(w0[k], w1[k]) for k in w0 if w0[k].is_floating_point())
+        for proto in ("linear", "finetune"):
+            assert list(res[proto]) == ["k2", "p100"]
+            k2 = res[proto]["k2"]
+            assert k2["n_labelled"] == 4
+            assert len(k2["simclr"]["aurocs"]) == 2
+            assert len(k2["random"]["aurocs"]) == (4 if proto == "linear" else 2)  # inits x draws / draw d <-> init d
+            vs = k2["simclr"]["vs_random"]
+            assert -1 <= vs["diff"] <= 1 and vs["ci95"][0] <= vs["ci95"][1]
+        # fine-tuning: draw d of the pretrained backbone against random init d, both read from their files
+        ft = res["finetune"]["k2"]
+        folders = [out / arch / f"ft_{b}_k2_d{d}_lr{res['finetune_lr']['chosen']:g}" for b in ("simclr", "random")
+                   for d in (0, 1)]
+        aurocs = [json.loads((f / "metrics.json").read_text())["test"]["label"]["auroc"] for f in folders]
+        assert ft["simclr"]["aurocs"] + ft["random"]["aurocs"] == pytest.approx(aurocs, abs=1e-9)
+        assert ft["simclr"]["vs_random"]["diff"] == pytest.approx(np.mean(aurocs[:2]) - np.mean(aurocs[2:]))
+        cfg = (folders[2] / "config.yaml").read_text()
+        assert "random_init/seed_0/backbone.pth" in cfg and "k2_d0.csv" in cfg
+        draw = (out / "draws" / "k2_d0.csv").read_text().splitlines()
+        assert len(draw) == 1 + 4
+    # the resnet18 lr grid of archs.yaml ran on validation at the first budget below 100 %
+    lr = report["results"]["resnet18"]["finetune_lr"]
+    assert lr["budget"] == "2" and len(lr["val_auroc"]) == 2 and lr["chosen"] in (2e-3, 8e-3)
     saved = json.loads((out / "pretrain_gain.json").read_text())
     assert saved["tiny"] and saved["machine"]["cpu_cores"] >= 1
     md = (out / "pretrain_gain.md").read_text()
-    assert md.count("\n") == 2 + 4 + 1 and "supervised from scratch" in md
+    assert "### vit_tiny" in md and "### resnet18" in md and md.count("| simclr |") == 2
+    assert (out / "label_efficiency.png").stat().st_size > 10_000
     # a second call reuses every finished run
-    again = main(["--data", str(data), "--out", str(out), "--tiny", "--shots", "2"])
-    assert set(again["seconds"]) == {"preprocess"}
+    again = main(argv)
+    assert again["seconds"] == {}
