@@ -9,31 +9,27 @@ fewshot draws FEW_SHOT_K positives and negatives per label for each of FEW_SHOT_
 trains each draw as FEW_SHOT_BASE into OUTPUT/seed_<s>/. Every run writes predictions.csv,
 metrics.json (thresholds by Youden's J on validation, AUROC with bootstrap CIs, patient level with
 DOWNSTREAM.GROUP_COLUMN) and roc_pr.png beside the engine's files, and prints a results table.
-The run itself is methods/downstream.py.
+The run itself is methods/downstream.py; the view is methods/registry.py's DOWNSTREAM_VIEW.
 """
+import sys
 from typing import Optional
 
 from config import get_config
-from data.views import SingleView
-from methods.classify import build_train_sampler  # noqa: F401 (the training sampler, found here by benchmarks)
-from methods.downstream import fewshot_rows, run_downstream  # noqa: F401 (fewshot_rows: the few-shot draw)
-
-
-def build_view(cfg, train: bool) -> SingleView:
-    """One ROI-sized crop: augmented for training, centred and deterministic for evaluation."""
-    return SingleView(cfg, train=train)
+from engine.cli import run_cli
+from methods.downstream import run_downstream
+from methods.registry import DOWNSTREAM_VIEW
 
 
 def main(argv=None) -> Optional[dict]:
     cfg = get_config(argv, description=__doc__.splitlines()[0])
-    return run_downstream(cfg, build_view)
+    return run_downstream(cfg, DOWNSTREAM_VIEW)
 
 
 def cli() -> int:
-    """The ``headct-downstream`` command: runs :func:`main`; exit status 0 (the metrics are in OUTPUT)."""
-    main()
-    return 0
+    """The ``headct-downstream`` command: runs :func:`main`; exit status 0 (the metrics are in OUTPUT), or
+    a config or input error as one line (engine/cli.py)."""
+    return run_cli(main)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

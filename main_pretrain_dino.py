@@ -2,28 +2,27 @@
 
     python main_pretrain_dino.py --cfg configs/dino/vit_base.yaml --opts OUTPUT runs/dino DATA.TRAIN_CSV train.csv
     torchrun --nproc_per_node 4 main_pretrain_dino.py --cfg configs/dino/vit_base.yaml
+
+Views, the k-NN monitor (DINO.KNN_EVERY) and the objective come from methods/registry.py.
 """
-import torch
+import sys
 
 from config import get_config
-from data.views import DINOViews
+from engine.cli import run_cli
 from engine.launch import pretrain
-from methods.dino import DINO, KNNMonitor
-
-
-def build_view(cfg, train: bool) -> DINOViews:
-    """Multi-crop views (training and validation alike); on CUDA the resizing and windowing run
-    batched on the GPU (``device_stage`` + ``device_resize``: the workers hand over the head and the
-    crop boxes, DINO.forward cuts, resizes and windows them)."""
-    cuda = torch.cuda.is_available()
-    return DINOViews(cfg, device_stage=cuda, device_resize=cuda)
+from methods.registry import get_method
 
 
 def main(argv=None) -> None:
     cfg = get_config(argv, description=__doc__.splitlines()[0])
-    monitor = KNNMonitor(cfg) if cfg.DINO.KNN_EVERY > 0 else None  # k-NN AUROC of teacher features
-    pretrain(cfg, DINO, build_view, evaluator=monitor)
+    method = get_method("dino")
+    pretrain(cfg, method.cls, method.build_view, evaluator=method.evaluator(cfg))
+
+
+def cli() -> int:
+    """The ``headct-pretrain-dino`` command: :func:`main`, a config or input error as one line (engine/cli.py)."""
+    return run_cli(main)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -3,16 +3,24 @@
     python main_pretrain_mae.py --cfg configs/mae/vit_base.yaml --opts OUTPUT runs/mae DATA.TRAIN_CSV train.csv
     torchrun --nproc_per_node 4 main_pretrain_mae.py --cfg configs/mae/vit_base.yaml
 """
+import sys
+
 from config import get_config
-from data.views import SingleView
+from engine.cli import run_cli
 from engine.launch import pretrain
-from methods.mae import MAE
+from methods.registry import get_method
 
 
 def main(argv=None) -> None:
     cfg = get_config(argv, description=__doc__.splitlines()[0])
-    pretrain(cfg, MAE, lambda c, train: SingleView(c, train=train))
+    method = get_method("mae")
+    pretrain(cfg, method.cls, method.build_view, evaluator=method.evaluator(cfg))
+
+
+def cli() -> int:
+    """The ``headct-pretrain-mae`` command: :func:`main`, a config or input error as one line (engine/cli.py)."""
+    return run_cli(main)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -1,5 +1,7 @@
 """What every benchmark shares: machine description, CPU-time accounting, JSON output.
 
+Benchmarks run as modules from the repository root: ``python -m benchmarks.<name> ...``.
+
 Every benchmark writes one JSON object with at least ``machine`` (:func:`machine_info`), ``date``
 and ``cpu_cores``; numbers taken on a shared machine are noisy, so the load average before and
 after each measurement goes into the JSON too (``load_avg``).
@@ -10,7 +12,6 @@ import datetime
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -18,8 +19,6 @@ from typing import Any, Iterable, Optional, Union
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python benchmarks/x.py` from anywhere: the repository is importable
-    sys.path.insert(0, str(REPO))
 
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM, dense bf16 tensor-core peak
 # datasheet dense bf16 tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name();
@@ -200,3 +199,17 @@ def wait_for_quiet(max_load: float, timeout_s: float, log=print) -> Optional[flo
             return la[0] if la else None
         log(f"load average {la[0]:.2f} > {max_load}; waiting")
         time.sleep(min(15.0, max(1.0, timeout_s - (time.monotonic() - t0))))
+
+
+def method_in_path(cfg_path: str, names: Iterable[str]) -> str:
+    """The one of ``names`` that ends nearest the end of ``cfg_path`` (``configs/demo/dino.yaml`` -> dino).
+
+    Raises:
+        ValueError: when the path names none of them.
+    """
+    names, path = list(names), Path(cfg_path).as_posix().lower()
+    hits = [(path.rfind(n), n) for n in names if n in path]
+    if not hits:
+        raise ValueError(f"cannot tell the method from the config path {cfg_path!r}; pass --method "
+                         f"{'|'.join(names)}")
+    return max(hits)[1]

@@ -1,17 +1,16 @@
 """Input-pipeline throughput: model-ready batches per second from the preprocessing cache.
 
-    python benchmarks/data_pipeline.py --cfg configs/dino/vit_base.yaml --seconds 60 \\
+    python -m benchmarks.data_pipeline --cfg configs/dino/vit_base.yaml --seconds 60 \\
         --json benchmarks/results/dino.json --opts DATA.TRAIN_CSV train.csv DATA.CACHE_DIR cache DATA.NUM_WORKERS 2
-    python benchmarks/data_pipeline.py --cfg configs/dino/vit_base.yaml --baseline reference ...
+    python -m benchmarks.data_pipeline --cfg configs/dino/vit_base.yaml --baseline reference ...
 
-Builds the very Dataset and DataLoader of the method's entry script (the view classes imported
-from ``main_pretrain_<method>.py`` / ``main_downstream.py``, ``data.datasets`` and
-``engine.dist.make_loader``), reads from ``DATA.CACHE_DIR`` when set, warms up, then counts
-model-ready batches for ``--seconds``: collated, moved to the device (``engine.trainer.to_device``)
-and passed through the view's batched on-device stage when it has one (``view.batch_transform``),
-with a device synchronisation. Besides samples per wall second it records the CPU seconds spent by
-the main process and its DataLoader workers, so ``samples_per_cpu_s`` (throughput per busy core)
-stays meaningful on a machine shared with other jobs.
+Builds the very Dataset and DataLoader of the method's entry script (the method's view from
+``methods/registry.py``, ``data.datasets`` and ``engine.dist.make_loader``), reads from
+``DATA.CACHE_DIR`` when set, warms up, then counts model-ready batches for ``--seconds``: collated,
+moved to the device (``engine.trainer.to_device``) and passed through the view's batched on-device
+stage when it has one (``view.batch_transform``), with a device synchronisation. Besides samples per
+wall second it records the CPU seconds spent by the main process and its DataLoader workers, so
+``samples_per_cpu_s`` (throughput per busy core) stays meaningful on a machine shared with other jobs.
 
 ``--baseline reference`` also times, on the same volumes, workers and loader settings, the
 reference-style DINO input path of :mod:`benchmarks.reference_dino`; the JSON then holds both
@@ -22,31 +21,24 @@ of machine load hits both alike.
 from __future__ import annotations
 
 import csv
-import importlib
 import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root
+import torch
 
-import torch  # noqa: E402
+from benchmarks.common import CPUClock, header, load_avg, method_in_path, summarize, write_json
+from config import ConfigError, build_parser, config_from_args
+from engine.cli import run_cli
+from methods.registry import DOWNSTREAM_VIEW, METHODS as REGISTERED
 
-from benchmarks.common import CPUClock, header, load_avg, summarize, write_json  # noqa: E402
-from config import ConfigError, build_parser, config_from_args  # noqa: E402
-
-METHODS = ("mae", "dino", "simclr", "downstream")
-ENTRY_MODULES = {"mae": "main_pretrain_mae", "dino": "main_pretrain_dino", "simclr": "main_pretrain_simclr",
-                 "downstream": "main_downstream"}
-# the view each entry script builds for training, by the name it imports
-ENTRY_VIEWS = {"mae": ("SingleView", {"train": True}), "dino": ("DINOViews", {}),
-               "simclr": ("SimCLRViews", {"train": True}), "downstream": ("SingleView", {"train": True})}
+METHODS = (*REGISTERED, "downstream")  # the registry's pretraining methods and the downstream job
 
 
 def infer_method(cfg_path: str, method: str = "") -> str:
-    """``method`` if given, else the first of mae/dino/simclr/downstream named in the config path.
+    """``method`` if given, else the method or ``downstream`` named nearest the end of the config path.
 
     Raises:
         ValueError: when neither names a method.
@@ -55,22 +47,13 @@ def infer_method(cfg_path: str, method: str = "") -> str:
         if method not in METHODS:
             raise ValueError(f"--method {method!r}; expected one of {list(METHODS)}")
         return method
-    parts = Path(cfg_path).as_posix().lower()
-    hits = [(parts.rfind(m), m) for m in METHODS if m in parts]
-    if not hits:
-        raise ValueError(f"cannot tell the method from the config path {cfg_path!r}; pass --method "
-                         f"{'|'.join(METHODS)}")
-    return max(hits)[1]  # the name nearest the end: configs/demo/dino.yaml -> dino
+    return method_in_path(cfg_path, METHODS)
 
 
 def build_view(cfg, method: str):
-    """The training view of the method's entry script (``build_view(cfg, True)`` when the entry
-    module defines one, else the view class it imports, built as the script builds it)."""
-    mod = importlib.import_module(ENTRY_MODULES[method])
-    if hasattr(mod, "build_view"):
-        return mod.build_view(cfg, True)
-    name, kwargs = ENTRY_VIEWS[method]
-    return getattr(mod, name)(cfg, **kwargs)
+    """The training view the entry script builds (methods/registry.py)."""
+    builder = DOWNSTREAM_VIEW if method == "downstream" else REGISTERED[method].build_view
+    return builder(cfg, True)
 
 
 def build_loader(cfg, method: str, view):
@@ -79,13 +62,13 @@ def build_loader(cfg, method: str, view):
     from engine.dist import make_loader
 
     if method == "downstream":
-        mod = importlib.import_module(ENTRY_MODULES[method])
         from data.datasets import VolumeDataset
         from data.manifest import Manifest
+        from methods.classify import build_train_sampler
         manifest = Manifest.read(cfg.DATA.TRAIN_CSV, root=cfg.DATA.ROOT, label_columns=list(cfg.DOWNSTREAM.LABELS),
                                  group_column=cfg.DOWNSTREAM.GROUP_COLUMN)
         dataset = VolumeDataset(manifest, cfg, view)
-        sampler = mod.build_train_sampler(cfg, manifest.labels)
+        sampler = build_train_sampler(cfg, manifest.labels)
         return dataset, make_loader(dataset, cfg, train=True, collate_fn=collate, sampler=sampler)
     dataset = build_dataset(cfg, cfg.DATA.TRAIN_CSV, view)
     return dataset, make_loader(dataset, cfg, train=True, collate_fn=collate)
@@ -354,4 +337,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

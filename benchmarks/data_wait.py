@@ -1,6 +1,6 @@
 """Fraction of a training run's wall time spent waiting for data, from its metrics.jsonl.
 
-    python benchmarks/data_wait.py --run runs/dino_vit_base [--skip-first 1] [--json wait.json]
+    python -m benchmarks.data_wait --run runs/dino_vit_base [--skip-first 1] [--json wait.json]
 
 Every logged step row of ``OUTPUT/metrics.jsonl`` carries ``data_s`` (mean seconds the loop waited
 for the next batch) and ``step_s`` (mean seconds of the step itself: transfer, forward, backward,
@@ -18,12 +18,10 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, Iterable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root
-
-from benchmarks.common import header, write_json  # noqa: E402
+from benchmarks.common import header, write_json
+from engine.cli import run_cli
 
 
 def read_step_rows(path: str) -> list[dict]:
@@ -122,4 +120,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

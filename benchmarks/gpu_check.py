@@ -2,7 +2,7 @@
 
     bash benchmarks/gpu_check.sh prepare                 # here, with network: the wheels the GPU machine lacks
     bash benchmarks/gpu_check.sh OUT                      # there: installs the wheels, then runs this script
-    python benchmarks/gpu_check.py OUT --dry-run          # the same code paths on a CPU, tiny sizes, ~1 minute
+    python -m benchmarks.gpu_check OUT --dry-run          # the same code paths on a CPU, tiny sizes, ~1 minute
 
 Four parts, each a subprocess of the existing benchmarks with a time limit, each writing one JSON
 into ``OUT`` (with ``gpu_check``: its command, exit status, wall seconds and whether it timed out):
@@ -43,9 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root
-
-from benchmarks.common import REPO, header, write_json  # noqa: E402
+from benchmarks.common import REPO, header, write_json
+from engine.cli import run_cli
 
 PARTS = ("ddp", "amp", "data_wait", "train_step")
 # seconds: (most a part may take, least kept free for it while earlier parts run)
@@ -68,10 +67,10 @@ def plan(args: argparse.Namespace, out: Path, work: Path) -> dict[str, list[list
     def opts() -> list[str]:
         return ["--opts", *tiny] if tiny else []
 
-    ts = [py, "benchmarks/train_step.py"]
+    ts = [py, "-m", "benchmarks.train_step"]
     cmds: dict[str, list[list[str]]] = {}
     cmds["ddp"] = [[py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ddp_procs),
-                    "benchmarks/train_step.py", "--ddp", "--preset", "h100", "--methods", "mae,dino",
+                    "-m", "benchmarks.train_step", "--ddp", "--preset", "h100", "--methods", "mae,dino",
                     "--compile", "off", "--steps", "3", "--warmup", "1", *threads,
                     "--json", str(out / "ddp.json"), *opts()]]
     cmds["amp"] = [ts + ["--compare-amp", "--preset", "h100", "--methods", "mae,dino", "--steps", "4",
@@ -87,7 +86,7 @@ def plan(args: argparse.Namespace, out: Path, work: Path) -> dict[str, list[list
     cmds["data_wait"] = [
         [py, "-m", "data.phantom", "--out", str(phantom), "--n", str(2 if dry else 8), "--size",
          str(48 if dry else 160)],
-        [py, "tools/preprocess.py", "--cfg", DINO_CFG, "--no-progress", "--opts", *tiny,
+        [py, "-m", "tools.preprocess", "--cfg", DINO_CFG, "--no-progress", "--opts", *tiny,
          "DATA.TRAIN_CSV", str(phantom / "train.csv"), "DATA.NUM_WORKERS", str(args.workers), *data],
         [py, "-c", ("import sys; from benchmarks.gpu_check import write_long_manifest as w; "
                     "w(sys.argv[1], int(sys.argv[2]), sys.argv[3])"),
@@ -96,7 +95,7 @@ def plan(args: argparse.Namespace, out: Path, work: Path) -> dict[str, list[list
          "DATA.TRAIN_CSV", str(long_csv), "DATA.NUM_WORKERS", str(args.workers), *data,
          "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.LOG_EVERY", str(log_every),
          "TRAIN.SAVE_EVERY", "0", "DINO.KNN_EVERY", "0"],
-        [py, "benchmarks/data_wait.py", "--run", str(run), "--skip-first", "1", "--json",
+        [py, "-m", "benchmarks.data_wait", "--run", str(run), "--skip-first", "1", "--json",
          str(out / "data_wait.json")],
     ]
     steps_ts = ["--steps", "2", "--warmup", "1"] if dry else ["--steps", "10", "--warmup", "3"]
@@ -309,7 +308,7 @@ def main(argv=None) -> int:
             print(f"[gpu_check] {name}: up to {timeout:.0f} s", flush=True)
             parts[name] = run_part(name, cmds[name], out / f"{name}.json", timeout, log, env)
             if name == "data_wait":
-                parts[name]["device_stage"] = _cuda()  # main_pretrain_dino.build_view: on with CUDA
+                parts[name]["device_stage"] = _cuda()  # methods.registry.dino_views: on with CUDA
                 write_json(out / f"{name}.json", parts[name])
     rows = summarize_parts(parts)
     ok = all(r["status"] not in ("FAILED", "error") for r in rows) and \
@@ -330,4 +329,4 @@ def _cuda() -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh prepare [DIR]     here, with network: download the wheels the GPU
 #                                                  machine lacks into DIR (default .whl, git-ignored)
 #   bash benchmarks/gpu_check.sh OUT [OPTIONS]     there: install those wheels, then
-#                                                  python benchmarks/gpu_check.py OUT [OPTIONS]
+#                                                  python -m benchmarks.gpu_check OUT [OPTIONS]
 #
 # The wheels are the versions installed in this checkout's .venv of the packages the GPU image does
 # not hold (monai, yacs, nibabel, pydicom) and timm (the image's may be older than requirements.txt
@@ -55,4 +55,4 @@ if ! "$py" -c "import torch, monai, yacs, nibabel, pydicom, timm" 2>/dev/null; t
          "and carry $wheels" >&2
     exit 2
 fi
-exec "$py" benchmarks/gpu_check.py "$@"
+exec "$py" -m benchmarks.gpu_check "$@"

@@ -1,6 +1,6 @@
 """Manifest scale: start-up time and per-worker memory of a 400,000-row manifest.
 
-    python benchmarks/manifest_scale.py --rows 400000 --workers 8 --json benchmarks/results/manifest_scale.json
+    python -m benchmarks.manifest_scale --rows 400000 --workers 8 --json benchmarks/results/manifest_scale.json
 
 In a temporary folder: a few real (small, synthetic) head volumes, preprocessed into the cache, and
 a CSV of ``--rows`` rows pointing at them (ids, patient groups, seven label columns with blanks).
@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root
+import numpy as np
+from torch.utils.data import Dataset
 
-import numpy as np  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
-
-from benchmarks.common import header, write_json  # noqa: E402
+from benchmarks.common import header, write_json
+from engine.cli import run_cli
 
 LABELS = ("ICH", "IPH", "IVH", "SDH", "EDH", "SAH", "Fracture")
 MB = 2 ** 20
@@ -219,4 +218,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,6 +1,6 @@
 """Preprocessing throughput per CPU core on clinical-size head CTs (512 x 512 x ~200 int16 .nii.gz).
 
-    python benchmarks/preprocess.py --volumes 4 --processes 1 2 --json benchmarks/results/preprocess.json
+    python -m benchmarks.preprocess --volumes 4 --processes 1 2 --json benchmarks/results/preprocess.json
 
 Makes ``--volumes`` synthetic head CTs of clinical size: a phantom head (``data.phantom``) rendered
 at ``--phantom-size`` and resampled (trilinear) to ``--shape`` (default 512 x 512 x 200) at
@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from benchmarks.common import REPO, header, write_json  # noqa: E402
+from benchmarks.common import REPO, header, write_json
+from engine.cli import run_cli
 
 
 def make_clinical_volume(path: Path, seed: int, shape: tuple[int, int, int], spacing: tuple[float, float, float],
@@ -65,7 +64,7 @@ def run_tool(csv_path: str, cache_dir: str, processes: int, spacing: float, in_p
     """Run tools/preprocess.py into ``cache_dir``; wall seconds and CPU seconds (tool + its workers).
 
     Args:
-        in_process: call the tool's ``main`` here instead of starting ``python tools/preprocess.py``.
+        in_process: call the tool's ``main`` here instead of starting ``python -m tools.preprocess``.
     """
     argv = ["--no-progress", "--opts", "DATA.TRAIN_CSV", csv_path, "DATA.CACHE_DIR", cache_dir,
             "DATA.NUM_WORKERS", str(processes), "DATA.SPACING", f"[{spacing},{spacing},{spacing}]"]
@@ -75,7 +74,7 @@ def run_tool(csv_path: str, cache_dir: str, processes: int, spacing: float, in_p
         from tools.preprocess import main as tool_main
         rc, log = tool_main(argv), []
     else:
-        proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess.py"), *argv], cwd=str(REPO),
+        proc = subprocess.run([sys.executable, "-m", "tools.preprocess", *argv], cwd=str(REPO),
                               capture_output=True, text=True)
         rc, log = proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()
     wall = time.perf_counter() - t
@@ -152,4 +151,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

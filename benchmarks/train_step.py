@@ -1,19 +1,20 @@
 """Training-step speed: step time, samples/s, peak memory and model FLOP utilisation (MFU).
 
     # the H100 suite: MAE, DINO, SimCLR and fine-tuning with ViT-B at 96^3, bf16, eager and compiled
-    python benchmarks/train_step.py --preset h100 --json benchmarks/results/train_step_h100.json
+    python -m benchmarks.train_step --preset h100 --json benchmarks/results/train_step_h100.json
     # a CPU suite with vit_tiny at 48^3 (the demo configs)
-    python benchmarks/train_step.py --preset cpu --json benchmarks/results/train_step_cpu.json
+    python -m benchmarks.train_step --preset cpu --json benchmarks/results/train_step_cpu.json
     # one case
-    python benchmarks/train_step.py --method dino --cfg configs/dino/vit_base.yaml --compile both --amp bf16 \\
+    python -m benchmarks.train_step --method dino --cfg configs/dino/vit_base.yaml --compile both --amp bf16 \\
         --opts DATA.BATCH_SIZE 32
 
-Each case builds the backbone and method exactly as the entry scripts do (``models.zoo``,
-``methods.*``, ``engine.optim``), feeds it a batch made by the method's own view from a synthetic
-head volume (so the batch has exactly the keys and shapes of real training, on the device, with any
-batched on-device stage of the view left to the method), and times full optimizer steps as
-``engine.trainer.Trainer`` runs them: schedule hooks, autocast forward, backward, gradient
-clipping, optimizer step, EMA hook. FLOPs of one step (forward + backward) are counted with
+Each case builds the backbone and method exactly as the entry scripts do (``methods/registry.py``,
+``models.zoo``, ``engine.optim``), feeds it a batch made by the method's own view from a synthetic
+head volume (the keys and shapes of real training, on the device; any device stage of the view runs
+in the workers, so the step times the model alone), and times full optimizer steps as
+``engine.trainer.Trainer`` runs them: schedule hooks, autocast forward, backward, then
+``engine.optim.optimizer_step`` (unscale, the method's after-backward hook, gradient clipping,
+optimizer step), EMA hook. FLOPs of one step (forward + backward) are counted with
 ``torch.utils.flop_counter.FlopCounterMode`` on the eager model; MFU = FLOPs per step / step time /
 peak (``--peak-tflops``, default the card's datasheet dense bf16 peak from
 ``benchmarks.common.BF16_PEAK_TFLOPS`` on CUDA, none on CPU); ``--measure-peak`` also times a large
@@ -24,10 +25,10 @@ math path); the kernels the eager step ran are listed in ``sdpa_kernels``.
 Two more modes, for the GPU check (``benchmarks/gpu_check.py``):
 
     # DDP steps through torchrun (NCCL on CUDA, Gloo on CPU), the trainer's own DDP wrap
-    python -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/train_step.py --ddp \
+    python -m torch.distributed.run --standalone --nproc_per_node 1 -m benchmarks.train_step --ddp \
         --cfg configs/dino/vit_base.yaml --compile off --steps 3
     # the loss of the first steps in bf16 against fp32 (TF32 off), same seed, same batch
-    python benchmarks/train_step.py --compare-amp --preset h100 --methods mae,dino --steps 4
+    python -m benchmarks.train_step --compare-amp --preset h100 --methods mae,dino --steps 4
 
 The JSON is rewritten after every case, so a run stopped early keeps the cases it finished.
 """
@@ -42,18 +43,18 @@ import resource
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from benchmarks.common import bf16_peak_tflops, header, matmul_tflops, method_in_path, summarize, write_json
+from config import config_from_args
+from engine.cli import run_cli
+from engine.optim import optimizer_step
+from methods.registry import DOWNSTREAM_VIEW, METHODS as REGISTERED
 
-from benchmarks.common import bf16_peak_tflops, header, matmul_tflops, summarize, write_json  # noqa: E402
-from config import config_from_args  # noqa: E402
-
-METHODS = ("mae", "dino", "simclr", "finetune")
+METHODS = (*REGISTERED, "finetune")  # the registry's pretraining methods and downstream fine-tuning
 # (method, config, extra opts) of each preset
 PRESETS: dict[str, list[tuple[str, str, list[str]]]] = {
     "h100": [("mae", "configs/mae/vit_base.yaml", []),
@@ -87,21 +88,24 @@ def synthetic_head(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
 
 
 def infer_method(cfg_path: str) -> str:
-    name = Path(cfg_path).as_posix().lower()
-    for key, m in (("dino", "dino"), ("simclr", "simclr"), ("mae", "mae"), ("downstream", "finetune")):
-        if key in name:
-            return m
-    raise ValueError(f"cannot tell the method from {cfg_path!r}; pass --method {'|'.join(METHODS)}")
+    """The method named nearest the end of the config path (``downstream`` -> finetune).
+
+    Raises:
+        ValueError: when the path names none.
+    """
+    name = method_in_path(cfg_path, (*REGISTERED, "downstream"))
+    return "finetune" if name == "downstream" else name
 
 
 def build_view(cfg, method: str):
-    """The training view the method's entry script uses."""
-    from data.views import DINOViews, SimCLRViews, SingleView
-    if method == "dino":
-        return DINOViews(cfg)
-    if method == "simclr":
-        return SimCLRViews(cfg, train=True)
-    return SingleView(cfg, train=True)
+    """The training view of the method (methods/registry.py) with any device stage done in the
+    workers: the batch holds finished crops, so the timed step is the model's alone."""
+    view = (DOWNSTREAM_VIEW if method == "finetune" else REGISTERED[method].build_view)(cfg, True)
+    if getattr(view, "device_stage", False):
+        view.device_stage = False
+        if hasattr(view, "device_resize"):
+            view.device_resize = False
+    return view
 
 
 def make_batch(cfg, method: str, batch_size: int, device: torch.device, seed: int = 0) -> dict:
@@ -127,22 +131,15 @@ def build_method(cfg, method: str) -> torch.nn.Module:
     """Backbone + method as the entry scripts build them."""
     from engine.launch import build_backbone_from_cfg
     backbone = build_backbone_from_cfg(cfg)
-    if method == "mae":
-        from methods.mae import MAE
-        return MAE(cfg, backbone)
-    if method == "dino":
-        from methods.dino import DINO
-        return DINO(cfg, backbone)
-    if method == "simclr":
-        from methods.simclr import SimCLR
-        return SimCLR(cfg, backbone)
+    if method in REGISTERED:
+        return REGISTERED[method].cls(cfg, backbone)
     from methods.classify import build_classifier
     labels = np.tile(np.array([[0.0], [1.0]], dtype=np.float32), (4, len(cfg.DOWNSTREAM.LABELS)))
     return build_classifier(cfg, backbone, labels, frozen=False)
 
 
 class Stepper:
-    """One optimizer step as the trainer does it (no accumulation, no DDP)."""
+    """One optimizer step as the trainer does it (no accumulation; DDP when ``model`` is wrapped)."""
 
     def __init__(self, cfg, method: torch.nn.Module, model, device: torch.device, amp: str):
         from engine.optim import build_optimizer, param_groups
@@ -163,15 +160,8 @@ class Stepper:
             out = self.model(batch)
         loss = out["loss"]
         self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
-        if hasattr(m, "on_after_backward"):
-            m.on_after_backward(self.epoch)
-        if self.cfg.TRAIN.CLIP_GRAD > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]],
-                                           self.cfg.TRAIN.CLIP_GRAD)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
+        hook = (lambda: m.on_after_backward(self.epoch)) if hasattr(m, "on_after_backward") else None
+        optimizer_step(self.opt, self.scaler, self.cfg.TRAIN.CLIP_GRAD, before_clip=hook)
         if hasattr(m, "on_step_end"):
             m.on_step_end(self.it)
         self.it += 1
@@ -269,7 +259,7 @@ def ddp_setup():
     from engine.dist import init_distributed
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise SystemExit("--ddp runs under torchrun: python -m torch.distributed.run --standalone "
-                         "--nproc_per_node N benchmarks/train_step.py --ddp ...")
+                         "--nproc_per_node N -m benchmarks.train_step --ddp ...")
     info = init_distributed()
     if not tdist.is_initialized():
         cuda = info.device.type == "cuda"
@@ -567,4 +557,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -22,16 +22,18 @@ def build_backbone_from_cfg(cfg) -> nn.Module:
 def pretrain(cfg, build_method: Callable[[object, nn.Module], nn.Module],
              build_view: Callable[[object, bool], Callable],
              evaluator: Optional[Callable[[nn.Module, int], dict]] = None) -> dict:
-    """Run a pretraining job: ``build_method(cfg, backbone)``, views from ``build_view(cfg, train)``.
+    """Run a pretraining job: ``build_method(cfg, backbone)``, views from ``build_view(cfg, train)``
+    (an entry script passes the ``cls``, ``build_view`` and evaluator of its methods/registry.py entry).
 
     ``evaluator(method, epoch) -> dict`` (optional) is handed to the Trainer (e.g. DINO's k-NN
     monitor); it may build its loaders lazily, once the process group exists.
 
     Returns the last epoch's metrics row (rank 0; other ranks get the same keys).
     """
+    from config import ConfigError
     from data.datasets import build_dataset, collate
     if not cfg.DATA.TRAIN_CSV:
-        raise ValueError("DATA.TRAIN_CSV is empty: set it to a manifest CSV (see datasets/README.md)")
+        raise ConfigError("DATA.TRAIN_CSV is empty: set it to a manifest CSV (see datasets/README.md)")
     dist.init_distributed()
     try:
         dist.seed_everything(cfg.SEED)  # the same model init on every rank

@@ -1,8 +1,10 @@
 """Optimizer and parameter groups: no weight decay on norms, biases, position embeddings and tokens;
-layer-wise lr decay for ViT fine-tuning; per-prefix lr multipliers (e.g. a classifier head)."""
+layer-wise lr decay for ViT fine-tuning; per-prefix lr multipliers (e.g. a classifier head); the
+optimizer step on accumulated gradients (unscale, clip, step), shared by the trainer and the
+training-step benchmark."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -71,3 +73,35 @@ def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
 def scaled_lr(cfg, world_size: int) -> float:
     """BASE_LR * global batch / 256 (global batch = per-process batch * ranks * accumulation)."""
     return cfg.TRAIN.BASE_LR * cfg.DATA.BATCH_SIZE * world_size * cfg.TRAIN.ACCUM_STEPS / 256
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, clip_grad: float,
+                   before_clip: Optional[Callable[[], None]] = None) -> Optional[torch.Tensor]:
+    """One step on the gradients accumulated by ``scaler.scale(loss).backward()``.
+
+    Unscales the gradients, calls ``before_clip()`` (a method's ``on_after_backward`` hook, which
+    sees true gradients), clips their global norm to ``clip_grad`` (0 = no clipping), steps through
+    the scaler (skipped when an fp16 gradient is not finite), updates the scale and sets the
+    gradients to None.
+
+    Args:
+        optimizer: the optimizer; every parameter of its groups is clipped together.
+        scaler: ``torch.amp.GradScaler`` (disabled unless TRAIN.AMP is fp16: then a no-op wrapper).
+        clip_grad: TRAIN.CLIP_GRAD.
+        before_clip: called after unscaling, before clipping.
+
+    Returns:
+        The global gradient norm before clipping (a 0-d tensor, left on the device so no step waits
+        for it), or None when ``clip_grad`` is 0.
+    """
+    scaler.unscale_(optimizer)
+    if before_clip is not None:
+        before_clip()
+    grad_norm = None
+    if clip_grad > 0:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

@@ -29,7 +29,7 @@ from engine import checkpoint as ckpt
 from engine import dist
 from engine.logging import RunLogger, Timer, format_eta, memory_mb
 from engine.monitor import CollapseMonitor, exported_backbone
-from engine.optim import build_optimizer, param_groups, scaled_lr
+from engine.optim import build_optimizer, optimizer_step, param_groups, scaled_lr
 from engine.schedules import cosine
 
 REQUEUE_EXIT_CODE = 3  # exit status after a signal-triggered checkpoint: "requeue me"
@@ -317,16 +317,10 @@ class Trainer:
             if not last_micro:
                 continue
             micro = 0
-            self.scaler.unscale_(self.optimizer)
-            if hasattr(m, "on_after_backward"):
-                m.on_after_backward(self.epoch)
-            if cfg.TRAIN.CLIP_GRAD > 0:
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                gn = torch.nn.utils.clip_grad_norm_(params, cfg.TRAIN.CLIP_GRAD)
+            hook = (lambda: m.on_after_backward(self.epoch)) if hasattr(m, "on_after_backward") else None
+            gn = optimizer_step(self.optimizer, self.scaler, cfg.TRAIN.CLIP_GRAD, before_clip=hook)
+            if gn is not None:
                 window["grad_norm"] = window.get("grad_norm", 0.0) + float(gn) * self.accum
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
             if hasattr(m, "on_step_end"):
                 m.on_step_end(self.iteration)
             self.iteration += 1

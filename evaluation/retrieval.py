@@ -277,7 +277,7 @@ def retrieval_metrics(features: np.ndarray, labels: np.ndarray, label_names: Seq
     for (_, _, q_rows, r_q, c_q, entry), rel_l in zip(plans, rel):
         if len(q_rows) == 0:
             entry.update(map_at_k=None, map_chance=None, precision_at_k=None, precision_chance=None,
-                         reason="no positive scan has a positive candidate outside its group")
+                         reason=_no_query_reason(entry["n_positive"], entry["n_known"]))
             continue
         entry.update(
             map_at_k=float(ap_at_k(rel_l, r_q, k).mean()),
@@ -290,6 +290,15 @@ def retrieval_metrics(features: np.ndarray, labels: np.ndarray, label_names: Seq
     out["macro"] = {key: (float(np.mean([e[key] for e in scored])) if scored else None) for key in keys}
     out["macro"]["n_labels"] = len(scored)
     return out
+
+
+def _no_query_reason(n_positive: int, n_known: int) -> str:
+    """Why a label has no usable query (a query needs another positive scan outside its group)."""
+    if n_positive == 0:
+        return f"no positive scan among the {n_known} with a known label"
+    if n_positive == 1:
+        return "only one positive scan: it has no other positive to retrieve"
+    return f"none of the {n_positive} positive scans has a positive candidate outside its own group"
 
 
 def write_neighbor_index(path: str, features: np.ndarray, ids: Sequence[str], k: int,

@@ -19,6 +19,7 @@ import main_downstream
 from config import ConfigError, get_defaults
 from data.manifest import Manifest, StringArray
 from evaluation.metrics import read_predictions_csv
+from methods.downstream import fewshot_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"auroc", "auroc_ci95", "ap", "f1", "sensitivity", "specificity", "accuracy", "threshold",
@@ -247,17 +248,17 @@ def few_shot_manifest(n=40):
 
 def test_fewshot_rows_are_without_replacement_balanced_and_reproducible():
     m = few_shot_manifest()
-    rows = main_downstream.fewshot_rows(m, ["A", "B"], 3, seed=7)
+    rows = fewshot_rows(m, ["A", "B"], 3, seed=7)
     assert len(set(rows)) == len(rows)  # no repeats
     for j in range(2):  # at least k positives and k negatives of every label
         y = m.labels[rows, j]
         assert (y == 1).sum() >= 3 and (y == 0).sum() >= 3
-    single = main_downstream.fewshot_rows(m, ["A"], 3, seed=7)
+    single = fewshot_rows(m, ["A"], 3, seed=7)
     assert len(single) == 6 and (m.labels[single, 0] == 1).sum() == 3  # exactly k + k for one label
-    assert np.array_equal(rows, main_downstream.fewshot_rows(m, ["A", "B"], 3, seed=7))
-    assert not np.array_equal(rows, main_downstream.fewshot_rows(m, ["A", "B"], 3, seed=8))
+    assert np.array_equal(rows, fewshot_rows(m, ["A", "B"], 3, seed=7))
+    assert not np.array_equal(rows, fewshot_rows(m, ["A", "B"], 3, seed=8))
     with pytest.raises(ValueError, match="'A'"):
-        main_downstream.fewshot_rows(m, ["A"], 30, seed=0)
+        fewshot_rows(m, ["A"], 30, seed=0)
 
 
 def test_config_contradictions_stop_before_anything_runs(phantom, tmp_path):

@@ -1,7 +1,7 @@
 """Compare two models on the same test cases: AUROC difference, paired bootstrap CI, DeLong p.
 
-    python tools/compare.py outputs/probe_mae/predictions.csv outputs/probe_random/predictions.csv
-    python tools/compare.py A.csv B.csv --names MAE random --labels ICH --json compare.json
+    python -m tools.compare outputs/probe_mae/predictions.csv outputs/probe_random/predictions.csv
+    python -m tools.compare A.csv B.csv --names MAE random --labels ICH --json compare.json
 
 Both files are ``predictions.csv`` of ``main_downstream.py`` runs on the same split; rows are
 matched by ``id``. Differences are first minus second (A - B), per label, at scan level and, when
@@ -15,10 +15,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repository root
-
-from evaluation.compare import compare_predictions, format_comparison  # noqa: E402
-from evaluation.metrics import write_metrics_json  # noqa: E402
+from engine.cli import run_cli
+from evaluation.compare import compare_predictions, format_comparison
+from evaluation.metrics import write_metrics_json
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -49,4 +48,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,8 +1,8 @@
 """Extract embeddings of every scan of DATA.TEST_CSV with a (pretrained) backbone.
 
-    python tools/extract_features.py --cfg configs/demo/mae.yaml \
+    python -m tools.extract_features --cfg configs/demo/mae.yaml \
         --opts MODEL.PRETRAINED runs/mae/backbone.pth DATA.TEST_CSV data/all.csv OUTPUT runs/feats
-    python tools/extract_features.py --tokens --cfg ... --opts ...        # patch tokens too
+    python -m tools.extract_features --tokens --cfg ... --opts ...        # patch tokens too
     torchrun --nproc_per_node 4 tools/extract_features.py --cfg ... --opts ...
 
 Writes to OUTPUT: ``features.npy`` (float32 ``[N, embed_dim]``, the backbone's pooled output,
@@ -32,22 +32,21 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repository root
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as tdist  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from config import build_parser, config_from_args  # noqa: E402
-from data.datasets import VolumeDataset, collate  # noqa: E402
-from data.io import write_skipped  # noqa: E402
-from data.manifest import Manifest  # noqa: E402
-from data.views import SingleView  # noqa: E402
-from engine import dist  # noqa: E402
-from engine.logging import setup_console  # noqa: E402
+from config import build_parser, config_from_args
+from data.datasets import VolumeDataset, collate
+from data.io import write_skipped
+from data.manifest import Manifest
+from data.views import SingleView
+from engine import dist
+from engine.cli import run_cli
+from engine.logging import setup_console
 
 PART_SIZE = 1024  # rows per part file (the unit of resumption)
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -442,4 +441,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

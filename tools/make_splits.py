@@ -3,11 +3,11 @@
 Examples (see datasets/README.md for the whole pipeline)::
 
     # CQ500: reads.csv holds three readers' labels per patient; labels = majority vote
-    python tools/make_splits.py --dataset cq500 --labels data/cq500/reads.csv \\
+    python -m tools.make_splits --dataset cq500 --labels data/cq500/reads.csv \\
         --images data/cq500/nifti --root data/cq500 --out data/cq500/splits
 
     # RSNA: per-slice labels -> series (any slice positive), patients from the DICOM headers
-    python tools/make_splits.py --dataset rsna --labels data/rsna/stage_2_train.csv \\
+    python -m tools.make_splits --dataset rsna --labels data/rsna/stage_2_train.csv \\
         --rsna-metadata data/rsna/metadata.csv --image-map data/rsna/manifest.csv \\
         --root data/rsna --out data/rsna/splits
 
@@ -37,10 +37,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-if __package__ in (None, ""):  # python tools/make_splits.py: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data.io import BadInputError  # noqa: E402
+from data.io import BadInputError
+from engine.cli import run_cli
 
 #: label columns written first, in this order, when present (the phantom's names)
 PREFERRED_ORDER = ("ICH", "IPH", "IVH", "SDH", "EDH", "SAH", "Fracture", "CalvarialFracture", "OtherFracture",
@@ -564,4 +562,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, list[ScanRow]]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

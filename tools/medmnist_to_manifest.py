@@ -1,7 +1,7 @@
 """Convert a MedMNIST 3D ``.npz`` (e.g. AdrenalMNIST3D) into NIfTI volumes and manifest CSVs.
 
-    python tools/medmnist_to_manifest.py --npz adrenalmnist3d.npz --out data/adrenalmnist3d
-    python tools/medmnist_to_manifest.py --dataset adrenalmnist3d --size 64 --out data/adrenalmnist3d_64
+    python -m tools.medmnist_to_manifest --npz adrenalmnist3d.npz --out data/adrenalmnist3d
+    python -m tools.medmnist_to_manifest --dataset adrenalmnist3d --size 64 --out data/adrenalmnist3d_64
     python main_downstream.py --cfg configs/downstream/adrenal_resnet18.yaml
 
 MedMNIST files hold ``{train,val,test}_images`` (``[N, 28, 28, 28]`` uint8, 0..255, or

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """DICOM folder tree -> NIfTI volumes in HU + manifest.csv + series_report.csv.
 
-    python tools/prepare_dicom.py --input /data/dicom --output /data/ct [--criteria FILE] [--workers N]
+    python -m tools.prepare_dicom --input /data/dicom --output /data/ct [--criteria FILE] [--workers N]
 
 Writes, under OUTPUT:
     images/<id>.nii.gz   int16 HU on an orthogonal grid (gantry tilt, uneven spacing and slice
@@ -30,13 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from anywhere
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
 
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from data.dicom import (  # noqa: E402
+from data.dicom import (
     DEFAULT_CRITERIA,
     Criteria,
     DicomError,
@@ -53,6 +51,7 @@ from data.dicom import (  # noqa: E402
     resample_to_grid,
     select_slices,
 )
+from engine.cli import run_cli
 
 # Bump when the conversion changes: reruns then redo every series. 2: gap rule on uncovered distance,
 # thickness changing part-way resampled, tilted slices interpolated along their normal.
@@ -421,5 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """The ``headct-prepare-dicom`` command: :func:`main`, a config or input error as one line (engine/cli.py)."""
+    return run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -1,6 +1,6 @@
 """Preprocess every volume of the config's manifests once into the memory-mapped cache.
 
-    python tools/preprocess.py --cfg configs/mae/vit_base.yaml --opts DATA.CACHE_DIR /scratch/cache
+    python -m tools.preprocess --cfg configs/mae/vit_base.yaml --opts DATA.CACHE_DIR /scratch/cache
 
 Reads DATA.TRAIN_CSV / DATA.VAL_CSV / DATA.TEST_CSV (those set), orients each volume to RAS,
 resamples it to DATA.SPACING, crops it to the head (DATA.HEAD_THRESHOLD) and stores int16 HU under
@@ -10,14 +10,12 @@ go to DATA.CACHE_DIR/<key>/skipped.csv (path, reason).
 """
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repository root
-
-from config import build_parser, config_from_args  # noqa: E402
-from data.cache import preprocess_manifests  # noqa: E402
-from data.io import BadInputError, TooManyBadInputs  # noqa: E402
+from config import build_parser, config_from_args
+from data.cache import preprocess_manifests
+from data.io import BadInputError, TooManyBadInputs
+from engine.cli import run_cli
 
 
 def main(argv=None) -> int:
@@ -38,5 +36,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> int:
+    """The ``headct-preprocess`` command: :func:`main`, a config or manifest error as one line (engine/cli.py)."""
+    return run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -1,7 +1,7 @@
 """Retrieve similar scans by cosine similarity of extracted features; mAP@k and precision@k per label.
 
-    python tools/retrieval.py --features runs/feats --labels ICH,SDH --out runs/feats/retrieval.json
-    python tools/retrieval.py --features runs/feats --labels ICH --k 10 --group-column patient_id \
+    python -m tools.retrieval --features runs/feats --labels ICH,SDH --out runs/feats/retrieval.json
+    python -m tools.retrieval --features runs/feats --labels ICH --k 10 --group-column patient_id \
         --index runs/feats/neighbours.csv [--center]
 
 Reads ``DIR/features.npy`` and ``DIR/features.csv`` (written by ``tools/extract_features.py``).
@@ -17,14 +17,12 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from evaluation.retrieval import retrieval_metrics, write_neighbor_index  # noqa: E402
+from engine.cli import run_cli
+from evaluation.retrieval import retrieval_metrics, write_neighbor_index
 
 _TRUE = ("1", "1.0")
 _FALSE = ("0", "0.0")
@@ -88,7 +86,7 @@ def read_feature_table(features_dir: str, label_names: Sequence[str], group_colu
 
 
 def format_table(result: dict) -> str:
-    """A console table of the retrieval metrics."""
+    """A console table of the retrieval metrics, then why each label without a query has none."""
     k = result["k"]
     head = f"{'label':10s} {'queries':>7s} {'prev':>6s} {f'mAP@{k}':>8s} {'chance':>7s} {f'P@{k}':>7s} {'chance':>7s}"
     lines = [head, "-" * len(head)]
@@ -100,6 +98,7 @@ def format_table(result: dict) -> str:
     for name, e in rows:
         lines.append(f"{name:10s} {e['n_queries']!s:>7s} {num(e.get('prevalence')):>6s} {num(e['map_at_k']):>8s} "
                      f"{num(e['map_chance']):>7s} {num(e['precision_at_k']):>7s} {num(e['precision_chance']):>7s}")
+    lines += [f"{name}: no query: {e['reason']}" for name, e in result["labels"].items() if e.get("reason")]
     return "\n".join(lines)
 
 
@@ -149,4 +148,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -173,3 +173,33 @@ def test_data_pipeline_counts_the_device_stage_apart(tiny_data, tmp_path):
     assert r["device_stage"] is True and r["device_stage_cpu_seconds"] > 0
     assert r["shapes"]["global"] == [2, 2, 3, 16, 16, 16] and r["dtypes"]["global"] == "float32"  # model-ready
     assert r["samples_per_cpu_s_without_device_stage"] >= r["samples_per_cpu_s"]
+
+
+def test_benchmarks_build_the_registry_views():
+    """The view and method of each benchmarked pipeline come from methods/registry.py."""
+    from config import get_config
+    from methods.dino import DINO
+    from methods.registry import DOWNSTREAM_VIEW, METHODS
+    cfg = get_config(["--cfg", "configs/demo/dino.yaml", "--opts", "DATA.ROI", "[16, 16, 16]", "MODEL.NAME",
+                      "vit_tiny", "MODEL.PATCH_SIZE", "[8, 8, 8]", "DINO.LOCAL_CROP_SIZE", "[8, 8, 8]"])
+    assert repr(data_pipeline.build_view(cfg, "dino")) == repr(METHODS["dino"].build_view(cfg, True))
+    assert repr(data_pipeline.build_view(cfg, "downstream")) == repr(DOWNSTREAM_VIEW(cfg, True))
+    assert repr(train_step.build_view(cfg, "finetune")) == repr(DOWNSTREAM_VIEW(cfg, True))
+    assert isinstance(train_step.build_method(cfg, "dino"), DINO)
+    assert set(data_pipeline.METHODS) == set(METHODS) | {"downstream"}
+    assert set(train_step.METHODS) == set(METHODS) | {"finetune"}
+    assert train_step.infer_method("configs/downstream/cq500_ich.yaml") == "finetune"
+    assert train_step.infer_method("configs/demo/simclr.yaml") == "simclr"
+
+
+def test_train_step_views_finish_their_crops_in_the_workers(monkeypatch):
+    """On a GPU the entry scripts' DINO / SimCLR views defer work to the device; the step benchmark
+    times the model alone, on finished crops."""
+    import torch
+
+    from config import get_config
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = get_config(["--cfg", "configs/demo/dino.yaml"])
+    dino = train_step.build_view(cfg, "dino")
+    assert not dino.device_stage and not dino.device_resize
+    assert not train_step.build_view(cfg, "simclr").device_stage

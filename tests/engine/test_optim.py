@@ -1,8 +1,10 @@
+import copy
+
 import torch
 from torch import nn
 
 from config import get_config
-from engine.optim import build_optimizer, param_groups, scaled_lr
+from engine.optim import build_optimizer, optimizer_step, param_groups, scaled_lr
 
 
 class Layered(nn.Module):
@@ -78,3 +80,55 @@ def test_optimizer_and_lr_scaling():
     assert scale["backbone.pos_embed"] == (0.5 ** 3, 0.0) and scale["backbone.blocks.1.weight"] == (0.5, 1.0)
     sgd = build_optimizer(get_config(["--opts", "TRAIN.OPTIMIZER", "sgd"]), param_groups(m))
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+
+
+def scaled_backward(model: nn.Module, scaler: torch.amp.GradScaler, x: torch.Tensor) -> None:
+    scaler.scale((model(x) ** 2).sum()).backward()
+
+
+def test_optimizer_step_unscales_hooks_clips_steps_and_zeroes():
+    torch.manual_seed(0)
+    model, x = nn.Linear(4, 3), torch.randn(5, 4)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)  # as under fp16: gradients arrive times 8
+    scaled_backward(model, scaler, x)
+    seen = []
+    norm = optimizer_step(opt, scaler, clip_grad=0.5, before_clip=lambda: seen.append(model.weight.grad.clone()))
+    # the reference: plain backward, norm, clip by hand, SGD step
+    (ref(x) ** 2).sum().backward()
+    grads = [p.grad for p in ref.parameters()]
+    true_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    torch.testing.assert_close(seen[0], ref.weight.grad)  # the hook saw unscaled, unclipped gradients
+    torch.testing.assert_close(norm, true_norm)
+    assert true_norm > 0.5
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.1 * p.grad * (0.5 / (true_norm + 1e-6))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)
+        assert p.grad is None
+
+
+def test_optimizer_step_without_clipping_and_with_disabled_scaler():
+    torch.manual_seed(0)
+    model, x = nn.Linear(4, 3), torch.randn(5, 4)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # bf16 / fp32 runs
+    scaled_backward(model, scaler, x)
+    assert optimizer_step(opt, scaler, clip_grad=0.0) is None
+    (ref(x) ** 2).sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q - 0.1 * q.grad)
+
+
+def test_optimizer_step_skips_a_non_finite_fp16_step():
+    model = nn.Linear(2, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaled_backward(model, scaler, torch.tensor([[float("inf"), 1.0]]))
+    optimizer_step(opt, scaler, clip_grad=1.0)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # step skipped
+    assert scaler.get_scale() == 4.0  # and the scale backed off

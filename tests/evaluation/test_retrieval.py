@@ -143,7 +143,18 @@ def test_groups_are_left_out_and_blanks_are_neither_queries_nor_candidates() -> 
     # a label whose positives are all one patient has no usable query
     lab2 = np.array([[1], [1], [0], [0], [0], [0]], dtype=float)
     e = retrieval_metrics(feats, lab2, ["M"], k=2, groups=["p", "p", "q", "r", "s", "t"])["labels"]["M"]
-    assert e["map_at_k"] is None and e["n_queries_without_relevant"] == 2 and "reason" in e
+    assert e["map_at_k"] is None and e["n_queries_without_relevant"] == 2
+    assert e["reason"] == "none of the 2 positive scans has a positive candidate outside its own group"
+
+
+def test_a_label_without_queries_says_why() -> None:
+    feats = np.eye(4)
+    none = np.array([[0], [0], [np.nan], [0]], dtype=float)
+    one = np.array([[1], [0], [0], [0]], dtype=float)
+    res = retrieval_metrics(feats, np.concatenate([none, one], axis=1), ["none", "one"], k=2)
+    assert res["labels"]["none"]["reason"] == "no positive scan among the 3 with a known label"
+    assert res["labels"]["one"]["reason"] == "only one positive scan: it has no other positive to retrieve"
+    assert res["macro"]["n_labels"] == 0 and res["macro"]["map_at_k"] is None
 
 
 def test_retrieval_metrics_checks_inputs() -> None:

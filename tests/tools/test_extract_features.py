@@ -181,7 +181,7 @@ def test_two_processes_give_the_single_process_result(phantom, tmp_path) -> None
     ef.main(["--no-progress", "--tokens", *opts(phantom, one)])
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "tools/extract_features.py", "--no-progress", "--tokens", "--part-size", "3", *opts(phantom, two)]
+           "-m", "tools.extract_features", "--no-progress", "--tokens", "--part-size", "3", *opts(phantom, two)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -254,7 +254,7 @@ def test_real_tilted_head_ct_with_uneven_gaps(tmp_path: Path) -> None:
                  study_description="CT HEAD", intercept=-1024.0)
 
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "tools/prepare_dicom.py", "--input", str(tmp_path / "in"),
+    proc = subprocess.run([sys.executable, "-m", "tools.prepare_dicom", "--input", str(tmp_path / "in"),
                            "--output", str(tmp_path / "out"), "--workers", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     wall = time.perf_counter() - t0

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,13 +79,14 @@ def test_command_line_in_parallel(tmp_path):
     good, bad, train, val = scans(tmp_path)
     args = opts(tmp_path, train, val, "DATA.ON_ERROR", "skip", "DATA.MAX_BAD_FRACTION", "0.5")
     args[args.index("DATA.NUM_WORKERS") + 1] = "2"
-    res = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess.py"), *args], cwd=tmp_path,
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # as the installed package: importable from any folder
+    res = subprocess.run([sys.executable, "-m", "tools.preprocess", *args], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "3 written" in res.stdout and "3 skipped" in res.stdout
     root = cache_root(cfg_like(tmp_path))
     assert all(is_done(root, p) for p in good)
     assert len(read_skipped(root / "skipped.csv")) == 3
-    res = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess.py"), "--opts", "DATA.TRAIN_CSV",
-                          str(train)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "tools.preprocess", "--opts", "DATA.TRAIN_CSV", str(train)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "DATA.CACHE_DIR is empty" in res.stderr

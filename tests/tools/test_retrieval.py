@@ -60,6 +60,19 @@ def test_cli_writes_metrics_and_index(tmp_path: Path, capsys) -> None:
     assert "mAP@5" in printed and "ICH" in printed and "chance" in printed
 
 
+def test_a_label_without_queries_prints_why(tmp_path: Path, capsys) -> None:
+    """SDH's only positives are one patient's two scans: 0 queries, and the console says why."""
+    rows = [["1", "1"], ["1", "1"], ["1", "0"], ["0", "0"], ["0", "0"], ["0", "0"]]
+    folder = write_features(tmp_path / "f", np.eye(6), rows, groups=["P0", "P0", "P1", "P2", "P3", "P4"])
+    res = main(["--features", str(folder), "--labels", "ICH,SDH", "--out", str(tmp_path / "r.json"),
+                "--group-column", "patient_id", "--k", "2"])
+    reason = res["labels"]["SDH"]["reason"]
+    assert res["labels"]["SDH"]["n_queries"] == 0 and "outside its own group" in reason
+    printed = capsys.readouterr().out.splitlines()
+    assert f"SDH: no query: {reason}" in printed
+    assert not any(line.startswith("ICH: no query") for line in printed)
+
+
 def test_center_removes_a_shared_offset(tmp_path: Path) -> None:
     folder, _ = signal_folder(tmp_path)
     feats = np.load(folder / "features.npy")
@@ -74,10 +87,10 @@ def test_center_removes_a_shared_offset(tmp_path: Path) -> None:
         assert centred["labels"]["ICH"][key] == pytest.approx(value, abs=1e-6)  # the offset is gone
 
 
-def test_cli_as_a_script(tmp_path: Path) -> None:
+def test_cli_as_a_module(tmp_path: Path) -> None:
     folder, _ = signal_folder(tmp_path, n=20)
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "tools/retrieval.py", "--features", str(folder), "--labels", "ICH",
+    proc = subprocess.run([sys.executable, "-m", "tools.retrieval", "--features", str(folder), "--labels", "ICH",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["k"] == 10
