@@ -473,10 +473,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     archs = read_archs(study.cfgs / "archs.yaml", args.archs)
     t_start = time.time()
     study.preprocess()
-    results: dict[str, Any] = {}
+    # architectures of earlier calls on the same --out stay in the JSON (run them in separate sittings)
+    old = study.out / "pretrain_gain.json"
+    results: dict[str, Any] = json.loads(old.read_text()).get("results", {}) if old.is_file() else {}
     for arch, spec in archs.items():
         results[arch] = run_arch(study, arch, spec, args.methods)
-        report = header(benchmark="pretrain_gain", data=str(study.data), archs=list(archs)[:len(results)],
+        report = header(benchmark="pretrain_gain", data=str(study.data), archs=list(results),
                         methods=list(args.methods), budgets=study.budgets, draws=study.draws,
                         random_inits=study.n_init, bootstrap=study.n_boot, tiny=study.tiny, opts=list(args.opts),
                         results=results, seconds_total=time.time() - t_start, seconds=study.times)
