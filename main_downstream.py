@@ -1,6 +1,7 @@
 """Downstream classification on labelled head CTs: fine-tuning, linear probing, few-shot.
 
-    python main_downstream.py --cfg configs/downstream/cq500_ich.yaml --opts MODEL.PRETRAINED runs/mae/backbone.pth
+    python main_downstream.py --cfg configs/downstream/cq500_ich.yaml \
+        --opts MODEL.PRETRAINED runs/mae_vit_base/backbone.pth
     torchrun --nproc_per_node 4 main_downstream.py --cfg configs/downstream/rsna_any.yaml
 
 DOWNSTREAM.MODE finetune trains backbone and head; linear freezes the backbone (and, with

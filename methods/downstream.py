@@ -279,7 +279,7 @@ def run_downstream(cfg, build_view: ViewBuilder) -> Optional[dict]:
     Args:
         cfg: the frozen config.
         build_view: ``build_view(cfg, train)``: the view of a scan for training (True) and for
-            evaluation (False, centred and deterministic); ``main_downstream.build_view``.
+            evaluation (False, centred and deterministic); ``methods.registry.DOWNSTREAM_VIEW``.
     """
     check_config(cfg)
     dist.init_distributed()

@@ -81,8 +81,8 @@ for level, what in (("scan", "scans   "), ("group", "patients")):
 print("  " + cmp["scan"]["ICH"]["sentence"])
 if not cmp["scan"]["ICH"]["significant"]:
     print("  The phantom's small test split cannot show a gain; the pretraining-gain study on real CT\n"
-          "  (README, \"Does pretraining help?\", benchmarks/pretrain_gain.py) measures it against five\n"
-          "  random inits (one random init is a noisy baseline: on real CT they differ by up to 0.06 AUROC).")
+          "  (docs/results.md, \"Does pretraining help?\", benchmarks/pretrain_gain.py) measures it against\n"
+          "  random inits of the same architecture (one random init is a noisy baseline: on real CT they differ\n  by up to 0.06 AUROC).")
 print(f"\ndemo finished in {elapsed // 60} min {elapsed % 60} s. Files:")
 for what, path in [("phantom (NIfTI + manifests)", "phantom"), ("MAE run (backbone.pth, tb/)", "mae"),
                    ("linear probe", "linear"), ("linear probe, random init", "linear_random"),

@@ -1,7 +1,7 @@
 """Extract embeddings of every scan of DATA.TEST_CSV with a (pretrained) backbone.
 
     python -m tools.extract_features --cfg configs/demo/mae.yaml \
-        --opts MODEL.PRETRAINED runs/mae/backbone.pth DATA.TEST_CSV data/all.csv OUTPUT runs/feats
+        --opts MODEL.PRETRAINED runs/mae_vit_base/backbone.pth DATA.TEST_CSV data/all.csv OUTPUT runs/feats
     python -m tools.extract_features --tokens --cfg ... --opts ...        # patch tokens too
     torchrun --nproc_per_node 4 tools/extract_features.py --cfg ... --opts ...
 

@@ -1,6 +1,7 @@
 """Preprocess every volume of the config's manifests once into the memory-mapped cache.
 
-    python -m tools.preprocess --cfg configs/mae/vit_base.yaml --opts DATA.CACHE_DIR /scratch/cache
+    python -m tools.preprocess --cfg configs/mae/vit_base.yaml \
+        --opts DATA.TRAIN_CSV my/train.csv DATA.VAL_CSV my/val.csv DATA.CACHE_DIR /scratch/cache
 
 Reads DATA.TRAIN_CSV / DATA.VAL_CSV / DATA.TEST_CSV (those set), orients each volume to RAS,
 resamples it to DATA.SPACING, crops it to the head (DATA.HEAD_THRESHOLD) and stores int16 HU under
