@@ -273,8 +273,10 @@ class Study:
                 *self.common, *opts]
 
     def step(self, name: str, done: Path, cmd: list[str], log: Path) -> None:
-        """Run ``cmd`` unless ``done`` exists (a finished earlier run)."""
-        if not done.exists():
+        """Run ``cmd`` unless ``done`` exists (a finished earlier run; a pretraining counts as finished
+        when its ``checkpoint_last.pth`` holds every epoch: :func:`pretrain_finished`)."""
+        finished = pretrain_finished(done.parent) if done.name == "checkpoint_last.pth" else done.exists()
+        if not finished:
             print(f"[pretrain_gain] {name}", flush=True)
             self.times[name] = run(cmd, log)
 
@@ -300,6 +302,16 @@ def random_backbone(study: Study, model_opts: list[str], seed: int, path: Path) 
         torch.manual_seed(seed)
         atomic_save(build_backbone(cfg).state_dict(), str(path))
     return str(path)
+
+
+def pretrain_finished(folder: Path) -> bool:
+    """True when the run in ``folder`` trained all its ``TRAIN.EPOCHS`` (``backbone.pth`` is written
+    after every epoch, so its presence alone does not say the run is complete)."""
+    if not (folder / "checkpoint_last.pth").is_file() or not (folder / "config.yaml").is_file():
+        return False
+    from config import load_config
+    state = torch.load(folder / "checkpoint_last.pth", map_location="cpu", weights_only=True)
+    return int(state["epoch"]) >= int(load_config(str(folder / "config.yaml")).TRAIN.EPOCHS)
 
 
 def pretrain_summary(folder: Path) -> dict[str, Any]:
@@ -369,7 +381,7 @@ def run_arch(study: Study, arch: str, spec: dict, methods: Sequence[str]) -> dic
     backbones: dict[str, str] = {}
     for m in (m for m in spec.get("pretrain", {}) if m in methods):
         folder = adir / f"pretrain_{m}"
-        study.step(f"pretrain {arch} {m}", folder / "backbone.pth",
+        study.step(f"pretrain {arch} {m}", folder / "checkpoint_last.pth",
                    study.entry(f"main_pretrain_{m}.py", f"{m}.yaml", folder, *model_opts,
                                *as_opts(spec["pretrain"][m]), *(TINY_OPTS if study.tiny else [])),
                    logs / f"pretrain_{m}.log")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from benchmarks.pretrain_gain import budget_name, budget_rows, main, mean_auroc, mean_paired_diff, parse_budget
+from benchmarks.pretrain_gain import (budget_name, budget_rows, main, mean_auroc, mean_paired_diff, parse_budget,
+                                      pretrain_finished)
 from tools.medmnist_to_manifest import convert
 
 ADRENAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "medmnist" / "adrenalmnist3d_64.npz"
@@ -69,6 +70,18 @@ def test_budgets_are_class_stratified_draws():
         budget_rows(y, "1%", seed=0)  # 0.4 positives: the class would be empty
     with pytest.raises(ValueError, match="class 1"):
         budget_rows(y, "41", seed=0)
+
+
+def test_an_interrupted_pretraining_is_not_finished(tmp_path):
+    """backbone.pth is written after every epoch: the study resumes a run whose checkpoint lacks epochs."""
+    from config import get_config, save_config
+    save_config(get_config(["--opts", "TRAIN.EPOCHS", "3", "TRAIN.WARMUP_EPOCHS", "1", "OUTPUT", str(tmp_path)]),
+                str(tmp_path))
+    assert not pretrain_finished(tmp_path)  # no checkpoint yet
+    (tmp_path / "backbone.pth").write_bytes(b"")
+    for epoch, done in ((2, False), (3, True)):
+        torch.save({"epoch": epoch}, tmp_path / "checkpoint_last.pth")
+        assert pretrain_finished(tmp_path) is done
 
 
 def test_bad_study_input_is_named(tmp_path):
