@@ -81,15 +81,14 @@ def write_results(cfg, log: RunLogger, parts: dict) -> dict:
     Args:
         parts: ``{"test": (manifest, index [N], probs [N, L]), "val": ... (optional)}``.
     """
+    from evaluation.metrics import SplitPredictions
     from evaluation.report import format_results_table, write_evaluation
     grouped = bool(cfg.DOWNSTREAM.GROUP_COLUMN)
-    args = {}
-    for split, (m, idx, prob) in parts.items():
-        args[f"{split}_ids"] = [m.ids[i] for i in idx]
-        args[f"{split}_groups"] = [m.groups[i] for i in idx] if grouped else None
-        args[f"{split}_prob"], args[f"{split}_true"] = prob, m.labels[idx].astype(np.float64)
-    metrics = write_evaluation(cfg.OUTPUT, list(cfg.DOWNSTREAM.LABELS), n_bootstrap=cfg.DOWNSTREAM.BOOTSTRAP,
-                               seed=cfg.SEED, **args)
+    preds = {split: SplitPredictions(prob=prob, true=m.labels[idx].astype(np.float64), ids=[m.ids[i] for i in idx],
+                                     groups=[m.groups[i] for i in idx] if grouped else None)
+             for split, (m, idx, prob) in parts.items()}
+    metrics = write_evaluation(cfg.OUTPUT, list(cfg.DOWNSTREAM.LABELS), preds["test"], preds.get("val"),
+                               n_bootstrap=cfg.DOWNSTREAM.BOOTSTRAP, seed=cfg.SEED)
     row = {f"{section}_{k}_{label}": m.get(k) for section, res in metrics.items() for label, m in res.items()
            for k in ("auroc", "ap", "f1", "sensitivity", "specificity")}
     log.metrics(row, tb_step=0, tb_prefix="eval")
