@@ -77,15 +77,11 @@ def _skipped_rows(batch: dict) -> list[tuple[str, str]]:
 def wrap_ddp(method: nn.Module, device: torch.device) -> DDP:
     """``method`` in DistributedDataParallel as the trainer runs it (process group already set up).
 
-    DDP averages the gradients of the parameters that require one; parameters without
-    (``requires_grad=False``, e.g. DINO's EMA teacher) are never reduced. Buffers are broadcast from
-    rank 0 once, when DDP is built (every rank holds the same values then: the engine seeds the
-    model init alike and resumes from one checkpoint), and never again at a forward: BatchNorm
-    running statistics stay rank-local (``methods.classify.average_buffers`` averages them before
-    evaluation) and buffers a method keeps in step itself (DINO's all-reduced centres) cost no
-    broadcast per step. torch >= 2.13 names that ``forward_sync_buffers=False`` (its
-    ``broadcast_buffers`` is deprecated, a FutureWarning); older torch ``broadcast_buffers=False``,
-    which also skips the start-up broadcast of buffers.
+    Only parameters that require a gradient are averaged (DINO's EMA teacher is not); buffers are
+    copied from rank 0 once, when DDP is built, and never synchronised at a forward
+    (``forward_sync_buffers=False``, ``broadcast_buffers=False`` before torch 2.13); BatchNorm
+    statistics stay rank-local until ``methods.classify.average_buffers``. Why, and how the teacher
+    stays identical on every rank: docs/design-notes.md, "DINO's teacher under DDP".
 
     Args:
         method: the method module, already on ``device``.

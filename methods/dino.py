@@ -8,26 +8,18 @@ takes any size), the teacher only the global ones. The loss is the cross-entropy
 centred, sharpened teacher distribution of each global crop and the student distribution of
 every other crop.
 
-What the reference head-CT DINO got wrong and this file gets right:
-
-* teacher momentum, teacher temperature and weight decay follow the GLOBAL iteration (the
-  engine passes it to :meth:`DINO.on_step_start`); nothing restarts per epoch;
-* the centre is a registered buffer, updated with the batch mean all-reduced over ranks, and
-  only in training (``self.training``): validation leaves it alone;
-* the teacher is never trained nor synchronised by DDP: its parameters have
-  ``requires_grad=False``, and DDP reduces only parameters that require a gradient
-  (public behaviour; no private ignore list); DDP's one broadcast at start-up
-  (:func:`engine.trainer.wrap_ddp`) copies rank 0's teacher and centres, which every rank already
-  holds (the engine seeds the model init identically), and the EMA follows the DDP-averaged
-  student, so the teacher stays identical on every rank;
-* the checkpoint (``state_dict``) holds student, teacher and centre, so resume is exact;
-  ``backbone.pth`` is the TEACHER backbone (:meth:`DINO.exported_backbone`);
-* weight decay spares norms, biases, tokens and position embeddings (engine parameter groups).
+Schedules (teacher momentum, teacher temperature; the engine's weight decay) follow the global
+iteration (:meth:`DINO.on_step_start`). The centre is a buffer, updated with the batch mean
+all-reduced over ranks, in training only (``self.training``). The teacher has
+``requires_grad=False``: DDP neither trains nor averages it, and it stays identical on every rank
+(docs/design-notes.md, "DINO's teacher under DDP"). The checkpoint holds student, teacher and
+centre, so resume is exact; ``backbone.pth`` is the TEACHER backbone (:meth:`DINO.exported_backbone`).
+Losses: :mod:`methods.losses.dino`.
 
 Monitoring scalars of every step: ``teacher_entropy`` (mean entropy of the teacher distribution:
 collapse shows as a fall to 0 or a stay at ``log(OUT_DIM)``), ``kl`` (teacher || student),
-``teacher_temp``, ``momentum``. :class:`KNNMonitor` adds a k-NN AUROC of frozen teacher features
-on a labelled validation set.
+``teacher_temp``, ``momentum``. :class:`evaluation.knn.KNNMonitor` adds a k-NN AUROC of frozen
+teacher features on a labelled validation set.
 """
 from __future__ import annotations
 
@@ -117,9 +109,6 @@ class DINO(nn.Module):
         # (DINO starts from 0: its first teacher targets all share the same peak, a push towards
         # collapse that the EMA takes ~1/(1 - CENTER_MOMENTUM) steps to undo)
         self.register_buffer("center_ready", torch.zeros((), dtype=torch.bool))
-        # DDP (engine.trainer.wrap_ddp) reduces only parameters that require a gradient, so the
-        # teacher is never averaged; it and the centres are copied from rank 0 once, when DDP is
-        # built, and never broadcast at a forward
 
         self.window_specs = window_specs(list(cfg.DATA.WINDOWS))  # device-stage batches are windowed here
         self.student_temp = float(d.STUDENT_TEMP)
