@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
+from models.names import BACKBONES, POOLS, POS_EMBEDS
+
 _C = CN()
 _C.OUTPUT = "outputs/run"  # run folder: config.yaml, logs, checkpoints; reused by TRAIN.RESUME auto
 _C.SEED = 0  # global seed; each rank and DataLoader worker derives its own from it
@@ -163,10 +165,9 @@ PRESET_WINDOWS = ("brain", "subdural", "stroke", "bone", "soft_tissue")
 CHOICES = {
     "DATA.FIT": ("crop_pad", "resize"),
     "DATA.ON_ERROR": ("raise", "skip"),
-    "MODEL.NAME": ("vit_tiny", "vit_small", "vit_base", "vit_large", "swin", "segresnet", "resnet18",
-                   "resnet50"),
-    "MODEL.POOL": ("cls", "mean", "cls+mean"),
-    "MODEL.POS_EMBED": ("sincos", "learned"),
+    "MODEL.NAME": BACKBONES,
+    "MODEL.POOL": POOLS,
+    "MODEL.POS_EMBED": POS_EMBEDS,
     "TRAIN.OPTIMIZER": ("adamw", "sgd"),
     "TRAIN.AMP": ("bf16", "fp16", "none"),
     "SIMCLR.MODE": ("inter", "intra", "negative_mined"),

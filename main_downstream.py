@@ -10,14 +10,14 @@ fewshot draws FEW_SHOT_K positives and negatives per label for each of FEW_SHOT_
 trains each draw as FEW_SHOT_BASE into OUTPUT/seed_<s>/. Every run writes predictions.csv,
 metrics.json (thresholds by Youden's J on validation, AUROC with bootstrap CIs, patient level with
 DOWNSTREAM.GROUP_COLUMN) and roc_pr.png beside the engine's files, and prints a results table.
-The run itself is methods/downstream.py; the view is methods/registry.py's DOWNSTREAM_VIEW.
+The run itself is downstream/run.py; the view is methods/registry.py's DOWNSTREAM_VIEW.
 """
 import sys
 from typing import Optional
 
 from config import get_config
 from engine.cli import run_cli
-from methods.downstream import run_downstream
+from downstream.run import run_downstream
 from methods.registry import DOWNSTREAM_VIEW
 
 

@@ -64,7 +64,7 @@ def build_loader(cfg, method: str, view):
     if method == "downstream":
         from data.datasets import VolumeDataset
         from data.manifest import Manifest
-        from methods.classify import build_train_sampler
+        from engine.samplers import build_train_sampler
         manifest = Manifest.read(cfg.DATA.TRAIN_CSV, root=cfg.DATA.ROOT, label_columns=list(cfg.DOWNSTREAM.LABELS),
                                  group_column=cfg.DOWNSTREAM.GROUP_COLUMN)
         dataset = VolumeDataset(manifest, cfg, view)

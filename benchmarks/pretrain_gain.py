@@ -363,7 +363,7 @@ def features(study: Study, arch: str, adir: Path, name: str, ckpt: str, model_op
 
 def probe(study: Study, feats: dict[str, np.ndarray], rows: np.ndarray, seed: int) -> tuple[float, np.ndarray]:
     """Validation AUROC and test probabilities ``[N]`` of a logistic regression on ``rows`` of the training features."""
-    from methods.classify import LogisticProbe
+    from evaluation.probe import LogisticProbe
     y = study.labels
     p = LogisticProbe([LABEL], seed=seed).fit(feats["train"][rows], y["train"][rows, None], feats["val"],
                                                y["val"][:, None])

@@ -51,6 +51,7 @@ import torch
 from benchmarks.common import bf16_peak_tflops, header, matmul_tflops, method_in_path, summarize, write_json
 from config import config_from_args
 from engine.cli import run_cli
+from engine.amp import autocast
 from engine.optim import optimizer_step
 from methods.registry import DOWNSTREAM_VIEW, METHODS as REGISTERED
 
@@ -146,7 +147,7 @@ class Stepper:
         self.cfg, self.m, self.model, self.device = cfg, method, model, device
         scales = method.lr_scales() if hasattr(method, "lr_scales") else None
         self.opt = build_optimizer(cfg, param_groups(method, cfg.TRAIN.LAYER_DECAY, scales))
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.amp = amp
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.it = 0
         # steady state: past DINO's frozen-last-layer epochs
@@ -156,7 +157,7 @@ class Stepper:
         m = self.m
         if hasattr(m, "on_step_start"):
             m.on_step_start(self.it, self.epoch, 10 ** 6)
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        with autocast(self.device.type, self.amp):
             out = self.model(batch)
         loss = out["loss"]
         self.scaler.scale(loss).backward()

@@ -21,7 +21,9 @@ rows cost tens of megabytes and no per-row Python objects that DataLoader worker
 from __future__ import annotations
 
 import csv
+import math
 import os
+from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
@@ -372,36 +374,52 @@ class _Growable:
 # Splits and few-shot draws
 
 
-def patient_split(manifest: Manifest, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
-                  ) -> list[np.ndarray]:
-    """Split rows so that no group (patient) spans two parts.
+def _allocate(sizes: dict[str, int], total: int) -> dict[str, int]:
+    """Split ``total`` over strata proportionally to ``sizes`` (largest remainder), at most sizes[s] each."""
+    n = sum(sizes.values())
+    if n == 0:
+        return {s: 0 for s in sizes}
+    quota = {s: total * k / n for s, k in sizes.items()}
+    alloc = {s: int(math.floor(q)) for s, q in quota.items()}
+    for s in sorted(sizes, key=lambda s: (-(quota[s] - alloc[s]), s))[:total - sum(alloc.values())]:
+        alloc[s] += 1
+    return {s: min(a, sizes[s]) for s, a in alloc.items()}
 
-    Groups are shuffled (seeded) and assigned greedily to the part furthest below its target number
-    of rows, so part sizes follow ``fractions`` as closely as whole groups allow.
+
+def split_groups(groups: Iterable[str], strata: dict[str, str], val_frac: float, test_frac: float,
+                 seed: int = 0) -> dict[str, str]:
+    """Assign whole groups (patients) to 'train' / 'val' / 'test', stratified.
+
+    Each stratum (e.g. ICH positive / negative / blank) gives test and val its share, rounded so
+    that the totals are ``round(test_frac * G)`` and ``round(val_frac * G)`` groups.
 
     Args:
-        manifest: the rows; ``manifest.groups`` are the patients (each scan alone without a group column).
-        fractions: relative part sizes (normalised; e.g. train / val / test).
-        seed: shuffling seed.
+        groups: group ids (duplicates ignored).
+        strata: group id -> stratum name (missing = one common stratum "").
+        val_frac: fraction of groups for validation.
+        test_frac: fraction of groups for test.
+        seed: shuffling seed (same inputs and seed, same split).
 
     Returns:
-        One sorted int64 index array per part.
+        ``{group: split}``.
     """
-    frac = np.asarray(fractions, dtype=np.float64)
-    if frac.ndim != 1 or len(frac) == 0 or (frac < 0).any() or frac.sum() <= 0:
-        raise ValueError(f"fractions = {list(fractions)}; expected non-negative numbers with a positive sum")
-    frac = frac / frac.sum()
-    uniq, inverse, counts = np.unique(np.asarray(manifest.groups), return_inverse=True, return_counts=True)
-    order = np.random.default_rng(seed).permutation(len(uniq))
-    target = frac * len(manifest)
-    filled = np.zeros(len(frac))
-    part_of_group = np.empty(len(uniq), dtype=np.int64)
-    for g in order:
-        p = int(np.argmax(np.where(frac > 0, target - filled, -np.inf)))
-        part_of_group[g] = p
-        filled[p] += counts[g]
-    part = part_of_group[inverse.ravel()]
-    return [np.flatnonzero(part == p).astype(np.int64) for p in range(len(frac))]
+    if val_frac < 0 or test_frac < 0 or val_frac + test_frac >= 1:
+        raise ValueError(f"val_frac = {val_frac}, test_frac = {test_frac}: each must be >= 0 and their sum < 1")
+    uniq = sorted(set(groups))
+    by_stratum: dict[str, list[str]] = defaultdict(list)
+    for g in uniq:
+        by_stratum[strata.get(g, "")].append(g)
+    sizes = {s: len(v) for s, v in by_stratum.items()}
+    n_test = _allocate(sizes, int(round(test_frac * len(uniq))))
+    rest = {s: sizes[s] - n_test[s] for s in sizes}
+    n_val = _allocate(rest, min(int(round(val_frac * len(uniq))), sum(rest.values())))
+    rng = np.random.default_rng(seed)
+    out: dict[str, str] = {}
+    for s in sorted(by_stratum):
+        members = [by_stratum[s][i] for i in rng.permutation(len(by_stratum[s]))]
+        for k, g in enumerate(members):
+            out[g] = "test" if k < n_test[s] else "val" if k < n_test[s] + n_val[s] else "train"
+    return out
 
 
 def few_shot_indices(manifest: Manifest, label: Union[str, int], k: int, seed: int) -> np.ndarray:

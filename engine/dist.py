@@ -1,4 +1,4 @@
-"""Process-group set-up (torchrun, Slurm srun, or one plain process), samplers and loaders.
+"""Process-group set-up (torchrun, Slurm srun, or one plain process) and loaders.
 
 NCCL on GPU, Gloo on CPU. Samples are keyed by ``(index, epoch)`` so that a dataset can derive
 each sample's randomness from (SEED, epoch, index) alone: augmentations do not depend on the
@@ -11,12 +11,12 @@ import random
 import signal
 import subprocess
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as tdist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 
 @dataclass
@@ -120,48 +120,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class EpochSampler(DistributedSampler):
-    """A DistributedSampler yielding ``(index, epoch)`` keys that can start mid-epoch.
-
-    Training (``shuffle=True``): a permutation seeded by (seed, epoch), padded or truncated as
-    DistributedSampler does so that every rank gets the same number of samples. Evaluation
-    (``shuffle=False, drop_last=False``): rank r takes indices r, r+W, ... with no padding, so
-    gathered predictions hold every sample exactly once.
-
-    Args:
-        dataset: any sized dataset.
-        shuffle: permute every epoch.
-        seed: base seed of the permutation.
-        drop_last: drop the tail so the per-rank length divides evenly (training).
-    """
-
-    def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
-                 num_replicas: Optional[int] = None, rank: Optional[int] = None):
-        super().__init__(dataset, num_replicas=num_replicas if num_replicas is not None else get_world_size(),
-                         rank=rank if rank is not None else get_rank(), shuffle=shuffle, seed=seed,
-                         drop_last=drop_last)
-        self.start = 0
-        self.pad = shuffle or drop_last
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch and skip the first ``start`` samples of this rank (resume)."""
-        super().set_epoch(epoch)
-        self.start = start
-
-    def _indices(self) -> list[int]:
-        if self.pad:
-            return list(super().__iter__())
-        return list(range(self.rank, len(self.dataset), self.num_replicas))
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for i in self._indices()[self.start:]:
-            yield (i, self.epoch)
-
-    def __len__(self) -> int:
-        n = self.num_samples if self.pad else len(range(self.rank, len(self.dataset), self.num_replicas))
-        return max(0, n - self.start)
-
-
 def _worker_init(base_seed: int) -> Callable[[int], None]:
     def init(worker_id: int) -> None:
         # Slurm and torchrun signal whole process groups; the main process handles SIGTERM and
@@ -185,6 +143,7 @@ def make_loader(dataset: Dataset, cfg, train: bool, collate_fn: Optional[Callabl
         batch_size: overrides DATA.BATCH_SIZE (evaluation passes).
     """
     if sampler is None:
+        from engine.samplers import EpochSampler
         sampler = EpochSampler(dataset, shuffle=train, seed=cfg.SEED, drop_last=train)
     workers = cfg.DATA.NUM_WORKERS
     # the loader draws its workers' base seed from its own generator, never from the global RNG

@@ -1,7 +1,7 @@
 """What every pretraining entry script does: processes, data, method, trainer."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
@@ -10,12 +10,25 @@ from engine.monitor import build_monitor
 from engine.trainer import Trainer
 
 
-def build_backbone_from_cfg(cfg) -> nn.Module:
-    """The zoo backbone of MODEL.NAME, initialised from MODEL.PRETRAINED when set."""
+def build_backbone_from_cfg(cfg, log: Optional[Any] = None) -> nn.Module:
+    """The zoo backbone of MODEL.NAME, initialised from MODEL.PRETRAINED when set.
+
+    Args:
+        cfg: the config (MODEL.*, DATA.ROI, DATA.WINDOWS).
+        log: where to say what was loaded (tensors loaded of the total, the position embedding
+            resized to DATA.ROI) or that the backbone starts from random weights: a RunLogger or
+            any object with ``info`` and ``warning``; None says nothing.
+    """
     from models.zoo import build_backbone, load_pretrained
     backbone = build_backbone(cfg)
     if cfg.MODEL.PRETRAINED:
-        load_pretrained(backbone, cfg.MODEL.PRETRAINED, min_fraction=cfg.MODEL.MIN_LOADED_FRACTION)
+        r = load_pretrained(backbone, cfg.MODEL.PRETRAINED, min_fraction=cfg.MODEL.MIN_LOADED_FRACTION)
+        resized = r["pos_embed_resized"]
+        if log is not None:
+            log.info(f"loaded {r['loaded']}/{r['total']} backbone tensors from {r['path']}"
+                     + (f"; position embedding resized {resized[0]} -> {resized[1]}" if resized else ""))
+    elif log is not None:
+        log.warning("MODEL.PRETRAINED is empty: the backbone starts from random weights")
     return backbone
 
 

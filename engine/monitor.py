@@ -14,10 +14,10 @@ import time
 from typing import Any, Optional
 
 import numpy as np
-import torch
 from torch import nn
 
 from engine import dist
+from engine.embed import embed
 from evaluation.collapse import effective_rank, feature_std
 
 
@@ -66,22 +66,13 @@ class CollapseMonitor:
     def load_state_dict(self, state: dict) -> None:
         self.initial = {k: float(v) for k, v in state.get("initial", {}).items()}
 
-    @torch.no_grad()
     def features(self, method: nn.Module) -> np.ndarray:
         """``[n, E]`` pooled embeddings of the monitor's scans, gathered from every rank, in row order."""
         from data.datasets import collate
-        from methods.classify import predict_gathered
         if self._loader is None:  # built lazily: the process group exists by now
             self._loader = dist.make_loader(self.dataset, self.cfg, train=False, collate_fn=collate)
-        backbone = exported_backbone(method)
-        device = next(backbone.parameters()).device
-        was_training = backbone.training
-        backbone.eval()
-        try:
-            _, feats = predict_gathered(backbone, self._loader, len(self.dataset), device, self.cfg.TRAIN.AMP,
-                                        allow_missing=self.cfg.DATA.ON_ERROR == "skip")
-        finally:
-            backbone.train(was_training)
+        _, feats = embed(exported_backbone(method), self._loader, len(self.dataset), self.cfg.TRAIN.AMP,
+                         allow_missing=self.cfg.DATA.ON_ERROR == "skip")
         return feats
 
     def __call__(self, method: nn.Module, log=None) -> dict[str, float]:

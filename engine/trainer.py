@@ -27,13 +27,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from config import save_config
 from engine import checkpoint as ckpt
 from engine import dist
+from engine.amp import autocast
 from engine.logging import RunLogger, Timer, format_eta, memory_mb
 from engine.monitor import CollapseMonitor, exported_backbone
 from engine.optim import build_optimizer, optimizer_step, param_groups, scaled_lr
 from engine.schedules import cosine
 
 REQUEUE_EXIT_CODE = 3  # exit status after a signal-triggered checkpoint: "requeue me"
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,15 +77,11 @@ def _skipped_rows(batch: dict) -> list[tuple[str, str]]:
 def wrap_ddp(method: nn.Module, device: torch.device) -> DDP:
     """``method`` in DistributedDataParallel as the trainer runs it (process group already set up).
 
-    DDP averages the gradients of the parameters that require one; parameters without
-    (``requires_grad=False``, e.g. DINO's EMA teacher) are never reduced. Buffers are broadcast from
-    rank 0 once, when DDP is built (every rank holds the same values then: the engine seeds the
-    model init alike and resumes from one checkpoint), and never again at a forward: BatchNorm
-    running statistics stay rank-local (``methods.classify.average_buffers`` averages them before
-    evaluation) and buffers a method keeps in step itself (DINO's all-reduced centres) cost no
-    broadcast per step. torch >= 2.13 names that ``forward_sync_buffers=False`` (its
-    ``broadcast_buffers`` is deprecated, a FutureWarning); older torch ``broadcast_buffers=False``,
-    which also skips the start-up broadcast of buffers.
+    Only parameters that require a gradient are averaged (DINO's EMA teacher is not); buffers are
+    copied from rank 0 once, when DDP is built, and never synchronised at a forward
+    (``forward_sync_buffers=False``, ``broadcast_buffers=False`` before torch 2.13); BatchNorm
+    statistics stay rank-local until ``methods.classify.average_buffers``. Why, and how the teacher
+    stays identical on every rank: docs/design-notes.md, "DINO's teacher under DDP".
 
     Args:
         method: the method module, already on ``device``.
@@ -134,7 +130,6 @@ class Trainer:
 
         lr_scales = method.lr_scales() if hasattr(method, "lr_scales") else None
         self.optimizer = build_optimizer(cfg, param_groups(method, cfg.TRAIN.LAYER_DECAY, lr_scales))
-        self.amp_dtype = _AMP_DTYPES.get(cfg.TRAIN.AMP)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.TRAIN.AMP == "fp16")
         model: nn.Module = wrap_ddp(method, self.device) if self.world > 1 else method
         self.model = torch.compile(model) if cfg.TRAIN.COMPILE else model
@@ -297,8 +292,7 @@ class Trainer:
             batch = to_device(batch, self.device)
             sync = contextlib.nullcontext() if (last_micro or self.world == 1) else self.model.no_sync()
             with sync:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                    enabled=self.amp_dtype is not None):
+                with autocast(self.device.type, self.cfg.TRAIN.AMP):
                     out = self.model(batch)
                 loss = out["loss"]
                 nonfinite, stop, save_due = self._flags(loss)
@@ -380,8 +374,7 @@ class Trainer:
         for batch in self.val_loader:
             batch = to_device(batch, self.device)
             bs = batch_size_of(batch)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
+            with autocast(self.device.type, self.cfg.TRAIN.AMP):
                 out = self.method(batch)
             for k, v in out.items():
                 if isinstance(v, (torch.Tensor, float, int)):

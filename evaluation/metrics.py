@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -351,49 +352,60 @@ def group_aggregate(y_true: Any, y_prob: Any, groups: Sequence[Any]) -> tuple[np
     return t_g, p_g, ids
 
 
-def evaluate_split(val_true: Optional[Any], val_prob: Optional[Any], test_true: Any, test_prob: Any,
-                   label_names: Sequence[str], val_groups: Optional[Sequence[Any]] = None,
-                   test_groups: Optional[Sequence[Any]] = None, n_bootstrap: int = 1000,
-                   seed: int = 0) -> dict[str, dict[str, Any]]:
+@dataclass
+class SplitPredictions:
+    """One split's predictions, row-aligned.
+
+    Args:
+        prob: ``[N, L]`` probabilities (or ``[N]`` for one label).
+        true: ``[N, L]`` targets 0/1, NaN = blank.
+        ids: ``[N]`` scan ids (for ``predictions.csv``), or None.
+        groups: ``[N]`` group ids (``DOWNSTREAM.GROUP_COLUMN``), or None (no group-level metrics).
+    """
+
+    prob: Any
+    true: Any
+    ids: Optional[Sequence[Any]] = None
+    groups: Optional[Sequence[Any]] = None
+
+
+def evaluate_split(test: SplitPredictions, label_names: Sequence[str], val: Optional[SplitPredictions] = None,
+                   n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Validation and test metrics in the shape of a downstream run's ``metrics.json``.
 
     Thresholds are chosen per label on validation (Youden's J) and applied unchanged on test.
-    Group-level thresholds are chosen on validation groups when ``val_groups`` is given, else
+    Group-level thresholds are chosen on validation groups when ``val.groups`` is given, else
     the scan-level validation thresholds are reused. Without validation data the thresholds are
     chosen on test itself and every label says ``"threshold_source": "test"`` (optimistic). A label
     with one class in validation uses 0.5 on test (``"threshold_source": "default"``).
 
     Args:
-        val_true: ``[Nv, L]`` validation targets (NaN = blank) or None (no validation set).
-        val_prob: ``[Nv, L]`` validation probabilities or None.
-        test_true: ``[Nt, L]`` test targets.
-        test_prob: ``[Nt, L]`` test probabilities.
+        test: the test predictions; ``test.groups`` enables ``"test_group"``.
         label_names: the L label names.
-        val_groups: ``[Nv]`` group ids of validation rows (optional).
-        test_groups: ``[Nt]`` group ids of test rows; enables ``"test_group"``.
+        val: the validation predictions, or None (no validation set).
         n_bootstrap: bootstrap resamples for the CIs.
         seed: bootstrap seed.
 
     Returns:
         ``{"val": {label: ..., "macro": ...}, "test": {...}, "test_group": {...}}`` (``"val"``
-        absent without validation data, ``"test_group"`` absent without ``test_groups``).
+        absent without validation data, ``"test_group"`` absent without ``test.groups``).
     """
     names = list(label_names)
     out: dict[str, dict[str, Any]] = {}
     thr: list[Optional[float]] = [None] * len(names)  # None = Youden on test (no validation data)
     source = ["test"] * len(names)
-    if val_true is not None:
-        out["val"] = multilabel_metrics(val_true, val_prob, names, None, n_bootstrap, seed)
+    if val is not None:
+        out["val"] = multilabel_metrics(val.true, val.prob, names, None, n_bootstrap, seed)
         thr, source = _val_thresholds(out["val"], names, "val")
-    out["test"] = multilabel_metrics(test_true, test_prob, names, thr, n_bootstrap, seed)
+    out["test"] = multilabel_metrics(test.true, test.prob, names, thr, n_bootstrap, seed)
     _mark_source(out["test"], names, source)
-    if test_groups is not None:
-        tg, pg, _ = group_aggregate(_check_matrix("test_true", test_true), _check_matrix("test_prob", test_prob),
-                                    test_groups)
+    if test.groups is not None:
+        tg, pg, _ = group_aggregate(_check_matrix("test_true", test.true), _check_matrix("test_prob", test.prob),
+                                    test.groups)
         thr_g, source_g = thr, source
-        if val_true is not None and val_groups is not None:
-            vg_t, vg_p, _ = group_aggregate(_check_matrix("val_true", val_true),
-                                            _check_matrix("val_prob", val_prob), val_groups)
+        if val is not None and val.groups is not None:
+            vg_t, vg_p, _ = group_aggregate(_check_matrix("val_true", val.true),
+                                            _check_matrix("val_prob", val.prob), val.groups)
             thr_g, source_g = _val_thresholds(multilabel_metrics(vg_t, vg_p, names, None, 0, seed), names,
                                               "val_group")
         out["test_group"] = multilabel_metrics(tg, pg, names, thr_g, n_bootstrap, seed)

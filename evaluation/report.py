@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from evaluation.metrics import evaluate_split, write_metrics_json, write_predictions_csv
+from evaluation.metrics import SplitPredictions, evaluate_split, write_metrics_json, write_predictions_csv
 from evaluation.plots import plot_roc_pr
 
 #: sections of a metrics.json in the order they are printed
@@ -158,41 +158,32 @@ def format_summary_table(summary: dict[str, Any], sections: Sequence[str] = ("te
     return table(summary)
 
 
-def write_evaluation(output_dir: str, label_names: Sequence[str], test_ids: Sequence[Any],
-                     test_prob: Any, test_true: Any, test_groups: Optional[Sequence[Any]] = None,
-                     val_ids: Optional[Sequence[Any]] = None, val_prob: Any = None, val_true: Any = None,
-                     val_groups: Optional[Sequence[Any]] = None, n_bootstrap: int = 1000,
+def write_evaluation(output_dir: str, label_names: Sequence[str], test: SplitPredictions,
+                     val: Optional[SplitPredictions] = None, n_bootstrap: int = 1000,
                      seed: int = 0) -> dict[str, Any]:
     """Evaluate and write a downstream run's files; returns the metrics dict.
 
     Writes into ``output_dir``: ``predictions.csv`` (test), ``predictions_val.csv`` (when
-    validation predictions are given), ``metrics.json`` (:func:`evaluation.metrics.evaluate_split`:
-    thresholds from validation, group level when ``test_groups`` is given) and ``roc_pr.png``
-    (test, scan level). Call it on rank 0 only.
+    validation predictions with ids are given), ``metrics.json``
+    (:func:`evaluation.metrics.evaluate_split`: thresholds from validation, group level when
+    ``test.groups`` is given) and ``roc_pr.png`` (test, scan level). Call it on rank 0 only.
 
     Args:
         output_dir: the run folder.
         label_names: the L labels.
-        test_ids: ``[Nt]`` scan ids.
-        test_prob: ``[Nt, L]`` probabilities.
-        test_true: ``[Nt, L]`` targets 0/1/NaN.
-        test_groups: ``[Nt]`` group ids (``DOWNSTREAM.GROUP_COLUMN``) or None.
-        val_ids: ``[Nv]`` validation ids (only for ``predictions_val.csv``) or None.
-        val_prob: ``[Nv, L]`` validation probabilities or None (thresholds then chosen on test).
-        val_true: ``[Nv, L]`` validation targets or None.
-        val_groups: ``[Nv]`` validation group ids or None.
+        test: test ids, groups (or None), probabilities ``[Nt, L]`` and targets ``[Nt, L]`` (0/1/NaN).
+        val: the same for validation, or None (thresholds then chosen on test).
         n_bootstrap: bootstrap resamples (``DOWNSTREAM.BOOTSTRAP``).
         seed: bootstrap seed (``SEED``).
     """
     os.makedirs(output_dir, exist_ok=True)
     names = list(label_names)
-    metrics = evaluate_split(val_true, val_prob, test_true, test_prob, names, val_groups=val_groups,
-                             test_groups=test_groups, n_bootstrap=n_bootstrap, seed=seed)
-    write_predictions_csv(os.path.join(output_dir, "predictions.csv"), test_ids, test_groups, names,
-                          test_prob, test_true)
-    if val_prob is not None and val_ids is not None:
-        write_predictions_csv(os.path.join(output_dir, "predictions_val.csv"), val_ids, val_groups, names,
-                              val_prob, val_true)
+    metrics = evaluate_split(test, names, val, n_bootstrap=n_bootstrap, seed=seed)
+    write_predictions_csv(os.path.join(output_dir, "predictions.csv"), test.ids, test.groups, names,
+                          test.prob, test.true)
+    if val is not None and val.ids is not None:
+        write_predictions_csv(os.path.join(output_dir, "predictions_val.csv"), val.ids, val.groups, names,
+                              val.prob, val.true)
     write_metrics_json(os.path.join(output_dir, "metrics.json"), metrics)
-    plot_roc_pr(os.path.join(output_dir, "roc_pr.png"), test_true, test_prob, names, title="test")
+    plot_roc_pr(os.path.join(output_dir, "roc_pr.png"), test.true, test.prob, names, title="test")
     return metrics

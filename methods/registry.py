@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from data.views import DINOViews, SimCLRViews, SingleView
-from methods.dino import DINO, KNNMonitor
+from evaluation.knn import KNNMonitor
+from methods.dino import DINO
 from methods.mae import MAE
 from methods.simclr import SimCLR
 

@@ -5,7 +5,7 @@ Input: ``batch["views"] [B, V, C, D, H, W]`` from :class:`data.views.SimCLRViews
 ``2k`` and ``2k + 1`` of a sample are two augmented views of one region. Rows are flattened to
 ``b * V + v``; every view goes through ``backbone.forward`` (``[N, embed_dim]``) and the projection
 head (:class:`models.heads.ProjectionMLP`, ``SIMCLR.PROJ_HIDDEN_DIM -> SIMCLR.PROJ_DIM``); the
-NT-Xent loss (:mod:`methods.nt_xent`, temperature ``SIMCLR.TEMPERATURE``) scores each anchor's
+NT-Xent loss (:mod:`methods.losses.nt_xent`, temperature ``SIMCLR.TEMPERATURE``) scores each anchor's
 positive against every other embedding of the global batch (all ranks, with gradients):
 
 * ``inter`` (V = 2): anchors = both views of every scan; negatives = the views of the other scans.
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from data.views import simclr_batch_transform, views_per_scan
 from data.windows import window_specs
-from methods.nt_xent import nt_xent_logits, pair_positives
+from methods.losses.nt_xent import nt_xent_logits, pair_positives
 from models.heads import ProjectionMLP
 from models.mae import unpatchify
 from models.vit3d import VisionTransformer3D

@@ -25,17 +25,9 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
+from models.names import POOLS, POS_EMBEDS, VIT_SIZES
 from models.pos_embed import grid_to_tokens, resize_pos_embed, sincos_3d
 
-# name -> (embed_dim, depth, num_heads)
-VIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-}
-POOLS = ("cls", "mean", "cls+mean")
-POS_EMBEDS = ("sincos", "learned")
 
 Size3 = Union[int, Sequence[int]]
 

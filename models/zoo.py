@@ -17,12 +17,12 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from models.names import BACKBONES, VIT_SIZES
 from models.pos_embed import resize_pos_embed, tokens_to_grid
-from models.vit3d import VIT_SIZES, VisionTransformer3D, create_vit
+from models.vit3d import VisionTransformer3D, create_vit
 
 logger = logging.getLogger(__name__)
 
-BACKBONES = tuple(VIT_SIZES) + ("swin", "segresnet", "resnet18", "resnet50")
 # checkpoint entries that may hold the weights, in order of preference (EMA teacher before student)
 WRAPPER_KEYS = ("backbone", "teacher", "model", "state_dict", "student")
 # key segments added by DDP (module.) and torch.compile (_orig_mod.), removed wherever they occur

@@ -45,42 +45,15 @@ from data.io import write_skipped
 from data.manifest import Manifest
 from data.views import SingleView
 from engine import dist
+from engine.amp import autocast
 from engine.cli import run_cli
+from engine.embed import embed_batch
 from engine.logging import setup_console
 
 PART_SIZE = 1024  # rows per part file (the unit of resumption)
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-# ----------------------------------------------------------------------------------- embedding
-def embed_batch(backbone: nn.Module, images: torch.Tensor, tokens: bool = False
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, ...]]:
-    """Pooled features (and optionally patch tokens) of one batch.
-
-    ViTs (``pool_tokens`` + ``num_prefix_tokens``): one ``forward_features`` pass; pooled =
-    ``pool_tokens`` (``MODEL.POOL``), tokens = the patch tokens without CLS and registers. Other
-    backbones: pooled = ``backbone(x)``; with ``tokens``, one ``forward_features`` pass whose map
-    ``[B, C', d, h, w]`` is flattened to tokens and averaged for the pooled output (what the zoo's
-    CNN and Swin encoders return from ``forward``).
-
-    Args:
-        backbone: a zoo backbone in eval mode.
-        images: ``[B, C, D, H, W]``.
-        tokens: also return the tokens.
-
-    Returns:
-        ``(pooled [B, embed_dim], tokens [B, n_tokens, token_dim] or None, grid of the tokens)``.
-    """
-    if hasattr(backbone, "pool_tokens") and hasattr(backbone, "num_prefix_tokens"):
-        t = backbone.forward_features(images)  # [B, 1 + R + N, D]
-        grid = tuple(backbone.grid_size(images.shape[2:])) if hasattr(backbone, "grid_size") else ()
-        return backbone.pool_tokens(t), (t[:, backbone.num_prefix_tokens:] if tokens else None), grid
-    if not tokens:
-        return backbone(images), None, ()
-    fmap = backbone.forward_features(images)  # [B, C', d, h, w]
-    return fmap.mean(dim=(2, 3, 4)), fmap.flatten(2).transpose(1, 2), tuple(fmap.shape[2:])
-
-
+# ----------------------------------------------------------------------------------- rows
 class _Rows(Dataset):
     """The rows still to embed: position p -> dataset row ``rows[p]``; samples carry ``"pos"``."""
 
@@ -186,7 +159,6 @@ def _embed_parts(backbone: nn.Module, dataset: VolumeDataset, cfg, out_dir: str,
         return p if p >= lo else -1
 
     loader = dist.make_loader(_Rows(dataset, rows), cfg, train=False, collate_fn=collate)
-    amp = _AMP_DTYPES.get(cfg.TRAIN.AMP)
     buffers: dict[int, list] = {}  # part j -> [(row, pooled, tokens or None, skipped)]
     grid: tuple[int, ...] = ()
     next_part, max_pos = 0, -1
@@ -206,7 +178,7 @@ def _embed_parts(backbone: nn.Module, dataset: VolumeDataset, cfg, out_dir: str,
     with torch.no_grad():
         for batch in loader:
             x = batch["image"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with autocast(device.type, cfg.TRAIN.AMP):
                 pooled, toks, grid = embed_batch(backbone, x, tokens)
             pooled = pooled.float().cpu().numpy()
             toks = toks.to(torch.float16).cpu().numpy() if toks is not None else None
@@ -384,11 +356,9 @@ def extract_features(cfg, tokens: bool = False, part_size: int = PART_SIZE, keep
             log.info(f"{out_dir}: features of these settings already exist; nothing to do")
             return done
         dist.seed_everything(cfg.SEED)
-        backbone = build_backbone_from_cfg(cfg).to(info_dist.device).eval()  # fails before any file is written
+        backbone = build_backbone_from_cfg(cfg, log).to(info_dist.device).eval()  # fails before any file is written
         for p in backbone.parameters():
             p.requires_grad_(False)
-        if not cfg.MODEL.PRETRAINED:
-            log.warning("MODEL.PRETRAINED is empty: features of a randomly initialised backbone")
         todo, error = _plan(out_dir, fp, len(manifest), int(part_size)) if main else ([], "")
         todo, error = _broadcast_from_main((todo, error))
         if error:

@@ -18,10 +18,8 @@ manifest, whose ``.salt`` key is picked up beside it) and 0/1 label columns (bla
 No patient is in two splits; patients are stratified by the ``--stratify`` label (default ICH: a
 patient counts positive when any of its scans is).
 
-Grouping is implemented here in :func:`split_groups` (whole patients, largest-remainder allocation
-of patients per stratum). ``data.manifest.patient_split`` balances rows without strata, so it is not
-used: with a few hundred CQ500 patients an unstratified draw can leave a test set with very few
-positives of a rare subtype.
+Patients are assigned by :func:`data.manifest.split_groups` (whole patients, largest-remainder
+allocation of patients per stratum).
 """
 from __future__ import annotations
 
@@ -35,9 +33,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
-import numpy as np
 
 from data.io import BadInputError
+from data.manifest import split_groups
 from engine.cli import run_cli
 
 #: label columns written first, in this order, when present (the phantom's names)
@@ -387,54 +385,6 @@ def rsna_level(image_map: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # splitting
-def _allocate(sizes: dict[str, int], total: int) -> dict[str, int]:
-    """Split ``total`` over strata proportionally to ``sizes`` (largest remainder), at most sizes[s] each."""
-    n = sum(sizes.values())
-    if n == 0:
-        return {s: 0 for s in sizes}
-    quota = {s: total * k / n for s, k in sizes.items()}
-    alloc = {s: int(math.floor(q)) for s, q in quota.items()}
-    for s in sorted(sizes, key=lambda s: (-(quota[s] - alloc[s]), s))[:total - sum(alloc.values())]:
-        alloc[s] += 1
-    return {s: min(a, sizes[s]) for s, a in alloc.items()}
-
-
-def split_groups(groups: Iterable[str], strata: dict[str, str], val_frac: float, test_frac: float,
-                 seed: int = 0) -> dict[str, str]:
-    """Assign whole groups (patients) to 'train' / 'val' / 'test', stratified.
-
-    Each stratum (e.g. ICH positive / negative / blank) gives test and val its share, rounded so
-    that the totals are ``round(test_frac * G)`` and ``round(val_frac * G)`` groups.
-
-    Args:
-        groups: group ids (duplicates ignored).
-        strata: group id -> stratum name (missing = one common stratum "").
-        val_frac: fraction of groups for validation.
-        test_frac: fraction of groups for test.
-        seed: shuffling seed (same inputs and seed, same split).
-
-    Returns:
-        ``{group: split}``.
-    """
-    if val_frac < 0 or test_frac < 0 or val_frac + test_frac >= 1:
-        raise ValueError(f"val_frac = {val_frac}, test_frac = {test_frac}: each must be >= 0 and their sum < 1")
-    uniq = sorted(set(groups))
-    by_stratum: dict[str, list[str]] = defaultdict(list)
-    for g in uniq:
-        by_stratum[strata.get(g, "")].append(g)
-    sizes = {s: len(v) for s, v in by_stratum.items()}
-    n_test = _allocate(sizes, int(round(test_frac * len(uniq))))
-    rest = {s: sizes[s] - n_test[s] for s in sizes}
-    n_val = _allocate(rest, min(int(round(val_frac * len(uniq))), sum(rest.values())))
-    rng = np.random.default_rng(seed)
-    out: dict[str, str] = {}
-    for s in sorted(by_stratum):
-        members = [by_stratum[s][i] for i in rng.permutation(len(by_stratum[s]))]
-        for k, g in enumerate(members):
-            out[g] = "test" if k < n_test[s] else "val" if k < n_test[s] + n_val[s] else "train"
-    return out
-
-
 def patient_strata(rows: Sequence[ScanRow], label: str) -> dict[str, str]:
     """Patient -> '1' when any of its scans is positive for ``label``, '0' when all known are 0, 'blank'."""
     agg: dict[str, float] = {}

@@ -3,7 +3,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from data.manifest import Manifest, ManifestError, StringArray, few_shot_indices, patient_split
+from data.manifest import Manifest, ManifestError, StringArray, few_shot_indices, split_groups
 
 
 def write(path, text):
@@ -116,21 +116,18 @@ def test_memory_per_row_is_small(tmp_path):
     assert retained / n < 300, f"{retained / n:.0f} bytes per row retained"
 
 
-def test_patient_split_keeps_patients_together(tmp_path):
-    rows = "".join(f"s{i}.nii,P{i // 3},{i % 2}\n" for i in range(300))
-    csv = write(tmp_path / "m.csv", "img_path,patient,ICH\n" + rows)
-    m = Manifest.read(csv, label_columns=["ICH"], group_column="patient")
-    parts = patient_split(m, (0.8, 0.1, 0.1), seed=1)
-    assert sorted(np.concatenate(parts).tolist()) == list(range(300))
-    groups = [set(m.groups[p].tolist()) for p in parts]
-    assert not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
-    assert [len(p) for p in parts] == [240, 30, 30]
-    again = patient_split(m, (0.8, 0.1, 0.1), seed=1)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
-    other = patient_split(m, (0.8, 0.1, 0.1), seed=2)
-    assert not np.array_equal(parts[1], other[1])
-    with pytest.raises(ValueError):
-        patient_split(m, (-1, 2))
+def test_split_groups_stratified_and_deterministic():
+    groups = [f"p{i}" for i in range(40)]
+    strata = {g: "1" if i < 10 else "0" for i, g in enumerate(groups)}
+    a = split_groups(groups, strata, 0.2, 0.25, seed=3)
+    assert a == split_groups(reversed(groups), strata, 0.2, 0.25, seed=3)
+    assert a != split_groups(groups, strata, 0.2, 0.25, seed=4)
+    count = {s: sum(v == s for v in a.values()) for s in ("train", "val", "test")}
+    assert count == {"train": 22, "val": 8, "test": 10}
+    pos = {s: sum(a[g] == s for g in groups if strata[g] == "1") for s in count}
+    assert pos["test"] in (2, 3) and pos["val"] == 2
+    with pytest.raises(ValueError, match="sum < 1"):
+        split_groups(groups, strata, 0.5, 0.5)
 
 
 def test_few_shot_balanced_without_replacement_and_reproducible(tmp_path):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from evaluation.metrics import (_auroc_resamples, _score_levels, binary_metrics, bootstrap_auroc, evaluate_split,
-                                group_aggregate, multilabel_metrics, read_predictions_csv, stratified_resamples,
-                                write_metrics_json, write_predictions_csv, youden_threshold)
+from evaluation.metrics import (SplitPredictions, _auroc_resamples, _score_levels, binary_metrics, bootstrap_auroc,
+                                evaluate_split, group_aggregate, multilabel_metrics, read_predictions_csv,
+                                stratified_resamples, write_metrics_json, write_predictions_csv, youden_threshold)
 
 Y = np.array([0, 0, 1, 1, 0, 1, 0, 1, 1, 0, 0, 1], dtype=float)
 P = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9, 0.6, 0.55, 0.7, 0.3, 0.45, 0.65])
@@ -199,8 +199,8 @@ def test_evaluate_split_thresholds_from_val():
     yv, pv = _noisy(200, seed=10)
     yt, pt = _noisy(200, seed=11)
     groups = [f"g{i // 2}" for i in range(200)]
-    out = evaluate_split(yv[:, None], pv[:, None], yt[:, None], pt[:, None], ["ICH"],
-                         val_groups=groups, test_groups=groups, n_bootstrap=50)
+    out = evaluate_split(SplitPredictions(pt[:, None], yt[:, None], groups=groups), ["ICH"],
+                         SplitPredictions(pv[:, None], yv[:, None], groups=groups), n_bootstrap=50)
     assert set(out) == {"val", "test", "test_group"}
     assert out["test"]["ICH"]["threshold"] == out["val"]["ICH"]["threshold"]
     assert out["test"]["ICH"]["threshold_source"] == "val"
@@ -210,10 +210,11 @@ def test_evaluate_split_thresholds_from_val():
                 "n_pos", "n_neg"):
         assert key in out["test"]["ICH"]
     assert "macro" in out["test"] and "macro" in out["test_group"]
-    no_val = evaluate_split(None, None, yt, pt, ["ICH"], n_bootstrap=0)
+    no_val = evaluate_split(SplitPredictions(pt, yt), ["ICH"], n_bootstrap=0)
     assert set(no_val) == {"test"} and no_val["test"]["ICH"]["threshold_source"] == "test"
     # a validation label with one class falls back to 0.5 on test
-    one = evaluate_split(np.zeros(10), np.linspace(0, 1, 10), yt, pt, ["ICH"], n_bootstrap=0)
+    one = evaluate_split(SplitPredictions(pt, yt), ["ICH"], SplitPredictions(np.linspace(0, 1, 10), np.zeros(10)),
+                         n_bootstrap=0)
     assert one["test"]["ICH"]["threshold"] == 0.5 and one["test"]["ICH"]["threshold_source"] == "default"
 
 

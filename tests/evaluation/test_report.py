@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from evaluation.metrics import evaluate_split, multilabel_metrics
+from evaluation.metrics import SplitPredictions, evaluate_split, multilabel_metrics
 from evaluation.report import format_results_table, format_summary_table, summarize_seeds
 
 
@@ -16,8 +16,8 @@ def test_format_results_table_split_and_label_shapes():
     yv, pv = _data(0)
     yt, pt = _data(1)
     yt[:, 1] = 0  # undefined AUROC must print as n/a with its reason
-    m = evaluate_split(yv, pv, yt, pt, ["ICH", "SDH"], test_groups=[str(i // 2) for i in range(80)],
-                       n_bootstrap=50)
+    m = evaluate_split(SplitPredictions(pt, yt, groups=[str(i // 2) for i in range(80)]), ["ICH", "SDH"],
+                       SplitPredictions(pv, yv), n_bootstrap=50)
     text = format_results_table(m)
     assert "[test]" in text and "[test_group]" in text and "[val]" not in text
     assert "AUROC [95% CI]" in text and "n/a" in text and "only one class" in text
@@ -49,7 +49,7 @@ def test_summarize_seeds_split_shape_and_none_values():
         yt, pt = _data(20 + s)
         if s == 1:
             yt[:, 1] = 1  # SDH undefined in one seed: mean over the defined one, std None
-        runs.append(evaluate_split(yv, pv, yt, pt, ["ICH", "SDH"], n_bootstrap=0))
+        runs.append(evaluate_split(SplitPredictions(pt, yt), ["ICH", "SDH"], SplitPredictions(pv, yv), n_bootstrap=0))
     summ = summarize_seeds(runs)
     assert set(summ) == {"val", "test", "n_seeds"} and summ["n_seeds"] == 2
     assert summ["test"]["SDH"]["auroc_mean"] == pytest.approx(runs[0]["test"]["SDH"]["auroc"])
@@ -70,8 +70,10 @@ def test_write_evaluation_files(tmp_path):
     yt, pt = _data(31)
     yt[3, 1] = np.nan
     groups = [f"P{i // 2}" for i in range(80)]
-    m = write_evaluation(str(tmp_path / "run"), ["ICH", "SDH"], [f"t{i}" for i in range(80)], pt, yt, groups,
-                         [f"v{i}" for i in range(80)], pv, yv, groups, n_bootstrap=100, seed=1)
+    m = write_evaluation(str(tmp_path / "run"), ["ICH", "SDH"],
+                         SplitPredictions(pt, yt, ids=[f"t{i}" for i in range(80)], groups=groups),
+                         SplitPredictions(pv, yv, ids=[f"v{i}" for i in range(80)], groups=groups),
+                         n_bootstrap=100, seed=1)
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert files == ["metrics.json", "predictions.csv", "predictions_val.csv", "roc_pr.png"]
     back = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -14,7 +14,8 @@ from data.datasets import collate
 from data.views import DINOViews, SimCLRViews, SingleView
 from engine.launch import build_backbone_from_cfg
 from methods import registry
-from methods.dino import DINO, KNNMonitor
+from evaluation.knn import KNNMonitor
+from methods.dino import DINO
 from methods.mae import MAE
 from methods.registry import DOWNSTREAM_VIEW, METHODS, get_method
 from methods.simclr import SimCLR

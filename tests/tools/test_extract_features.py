@@ -163,18 +163,6 @@ def test_test_csv_is_required(phantom, tmp_path) -> None:
         ef.extract_features(cfg)
 
 
-def test_embed_batch_cnn_tokens_match_forward() -> None:
-    cfg = get_config(["--opts", "MODEL.NAME", "resnet18", "MODEL.FEATURE_SIZE", "4"])
-    torch.manual_seed(0)
-    backbone = build_backbone_from_cfg(cfg).eval()
-    x = torch.rand(2, 3, 32, 32, 32)
-    with torch.no_grad():
-        pooled, toks, grid = ef.embed_batch(backbone, x, tokens=True)
-        np.testing.assert_allclose(pooled, backbone(x), atol=1e-5)
-        assert toks.shape == (2, int(np.prod(grid)), backbone.token_dim) and len(grid) == 3
-        assert ef.embed_batch(backbone, x)[1] is None
-
-
 @pytest.mark.slow
 def test_two_processes_give_the_single_process_result(phantom, tmp_path) -> None:
     one = tmp_path / "one"

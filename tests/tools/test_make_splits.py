@@ -4,7 +4,7 @@ import math
 import pytest
 
 from data.io import BadInputError
-from tools.make_splits import main, majority_vote, split_groups
+from tools.make_splits import main, majority_vote
 
 READERS_FIELDS = ["ICH", "IPH", "IVH", "SDH", "EDH", "SAH", "BleedLocation-Left", "BleedLocation-Right",
                   "ChronicBleed", "Fracture", "CalvarialFracture", "OtherFracture", "MassEffect", "MidlineShift"]
@@ -49,20 +49,6 @@ def test_majority_vote():
     assert majority_vote([1, 1, 0]) == 1 and majority_vote([1, 0, 0]) == 0
     assert majority_vote([1, math.nan, 1]) == 1
     assert math.isnan(majority_vote([1, math.nan, 0])) and math.isnan(majority_vote([math.nan] * 3))
-
-
-def test_split_groups_stratified_and_deterministic():
-    groups = [f"p{i}" for i in range(40)]
-    strata = {g: "1" if i < 10 else "0" for i, g in enumerate(groups)}
-    a = split_groups(groups, strata, 0.2, 0.25, seed=3)
-    assert a == split_groups(reversed(groups), strata, 0.2, 0.25, seed=3)
-    assert a != split_groups(groups, strata, 0.2, 0.25, seed=4)
-    count = {s: sum(v == s for v in a.values()) for s in ("train", "val", "test")}
-    assert count == {"train": 22, "val": 8, "test": 10}
-    pos = {s: sum(a[g] == s for g in groups if strata[g] == "1") for s in count}
-    assert pos["test"] in (2, 3) and pos["val"] == 2
-    with pytest.raises(ValueError, match="sum < 1"):
-        split_groups(groups, strata, 0.5, 0.5)
 
 
 def test_cq500_splits(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Run under torchrun (Gloo): NT-Xent with negatives gathered across ranks on a tiny linear encoder.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/methods/simclr_gather_worker.py OUT.pt V,A [V,A ...]
+    python -m torch.distributed.run --nproc_per_node 2 \
+        tests/methods/losses/nt_xent_gather_worker.py OUT.pt V,A [V,A ...]
 
 For each case (V views per sample, the first A of them anchors) every rank builds the same encoder
 and the same global inputs, takes its own rows, computes ``nt_xent(..., gather=True)``,
@@ -9,15 +10,15 @@ backpropagates, and averages loss and gradients over ranks as DDP does. Rank 0 s
 rank's input-gradient slice, gathered in rank order and divided by the world size as the
 parameter gradients are) for the test to compare with one process holding the whole batch.
 """
-import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository, run as a script by torchrun
 
-from methods.nt_xent import nt_xent, pair_positives  # noqa: E402
+from methods.losses.nt_xent import nt_xent, pair_positives  # noqa: E402
 
 SAMPLES_PER_RANK, IN_DIM, OUT_DIM, TEMPERATURE = 3, 6, 5, 0.3
 

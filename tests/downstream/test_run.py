@@ -19,9 +19,9 @@ import main_downstream
 from config import ConfigError, get_defaults
 from data.manifest import Manifest, StringArray
 from evaluation.metrics import read_predictions_csv
-from methods.downstream import fewshot_rows
+from downstream.run import fewshot_rows
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METRIC_KEYS = {"auroc", "auroc_ci95", "ap", "f1", "sensitivity", "specificity", "accuracy", "threshold",
                "n_pos", "n_neg"}
 

@@ -1,8 +1,9 @@
 """The downstream run: fine-tuning, linear probing (trained, or on cached features), few-shot.
 
 What ``main_downstream.py`` runs (:func:`run_downstream`), as ``engine.launch.pretrain`` is what the
-pretraining scripts run; it sits above :mod:`methods.classify` (the method, its sampler, scorer and
-probe) and the engine's :class:`engine.trainer.Trainer`.
+pretraining scripts run; it sits above the objective (:mod:`methods.classify`), the engine
+(:class:`engine.trainer.Trainer`, :mod:`engine.samplers`, :mod:`engine.embed`) and the evaluation
+(:mod:`evaluation.scoring`, :mod:`evaluation.probe`, :mod:`evaluation.report`).
 
 ``DOWNSTREAM.MODE finetune`` trains backbone and head; ``linear`` freezes the backbone (and, with
 ``DOWNSTREAM.FEATURE_CACHE``, fits a scikit-learn logistic regression on features extracted once);
@@ -26,10 +27,14 @@ from data.datasets import VolumeDataset, collate
 from data.manifest import Manifest, few_shot_indices
 from engine import checkpoint as ckpt
 from engine import dist
+from engine.embed import embed, predict_gathered
+from engine.launch import build_backbone_from_cfg
 from engine.logging import RunLogger
+from engine.samplers import build_train_sampler
 from engine.trainer import Trainer
-from methods.classify import (LogisticProbe, ValidationScorer, average_buffers, backbone_checksum,
-                              build_classifier, build_train_sampler, label_counts, predict_gathered, sigmoid)
+from evaluation.probe import LogisticProbe
+from evaluation.scoring import ValidationScorer, sigmoid
+from methods.classify import average_buffers, backbone_checksum, build_classifier, label_counts
 
 ViewBuilder = Callable[[object, bool], Callable]  # build_view(cfg, train) -> view(hu, meta, rng)
 
@@ -64,20 +69,6 @@ def describe(manifests: dict, names: list[str]) -> str:
     return "; ".join(lines)
 
 
-def build_backbone(cfg, log: RunLogger) -> torch.nn.Module:
-    """The zoo backbone, loaded from MODEL.PRETRAINED (position embedding resized to DATA.ROI) when set."""
-    from models.zoo import build_backbone as zoo_build, load_pretrained
-    backbone = zoo_build(cfg)
-    if cfg.MODEL.PRETRAINED:
-        r = load_pretrained(backbone, cfg.MODEL.PRETRAINED, min_fraction=cfg.MODEL.MIN_LOADED_FRACTION)
-        log.info(f"loaded {r['loaded']}/{r['total']} backbone tensors from {r['path']}"
-                 + (f"; position embedding resized {r['pos_embed_resized'][0]} -> {r['pos_embed_resized'][1]}"
-                    if r["pos_embed_resized"] else ""))
-    else:
-        log.warning("MODEL.PRETRAINED is empty: the backbone starts from random weights")
-    return backbone
-
-
 def eval_loader(cfg, manifest: Manifest, build_view: ViewBuilder):
     """Centred, deterministic views (``build_view(cfg, False)``); each sample on exactly one rank."""
     return dist.make_loader(VolumeDataset(manifest, cfg, build_view(cfg, False)), cfg, train=False,
@@ -90,15 +81,14 @@ def write_results(cfg, log: RunLogger, parts: dict) -> dict:
     Args:
         parts: ``{"test": (manifest, index [N], probs [N, L]), "val": ... (optional)}``.
     """
+    from evaluation.metrics import SplitPredictions
     from evaluation.report import format_results_table, write_evaluation
     grouped = bool(cfg.DOWNSTREAM.GROUP_COLUMN)
-    args = {}
-    for split, (m, idx, prob) in parts.items():
-        args[f"{split}_ids"] = [m.ids[i] for i in idx]
-        args[f"{split}_groups"] = [m.groups[i] for i in idx] if grouped else None
-        args[f"{split}_prob"], args[f"{split}_true"] = prob, m.labels[idx].astype(np.float64)
-    metrics = write_evaluation(cfg.OUTPUT, list(cfg.DOWNSTREAM.LABELS), n_bootstrap=cfg.DOWNSTREAM.BOOTSTRAP,
-                               seed=cfg.SEED, **args)
+    preds = {split: SplitPredictions(prob=prob, true=m.labels[idx].astype(np.float64), ids=[m.ids[i] for i in idx],
+                                     groups=[m.groups[i] for i in idx] if grouped else None)
+             for split, (m, idx, prob) in parts.items()}
+    metrics = write_evaluation(cfg.OUTPUT, list(cfg.DOWNSTREAM.LABELS), preds["test"], preds.get("val"),
+                               n_bootstrap=cfg.DOWNSTREAM.BOOTSTRAP, seed=cfg.SEED)
     row = {f"{section}_{k}_{label}": m.get(k) for section, res in metrics.items() for label, m in res.items()
            for k in ("auroc", "ap", "f1", "sensitivity", "specificity")}
     log.metrics(row, tb_step=0, tb_prefix="eval")
@@ -116,7 +106,7 @@ def train_and_evaluate(cfg, manifests: dict, frozen: bool, build_view: ViewBuild
     log.info(f"{'linear probe (frozen backbone)' if frozen else 'fine-tuning'} of {cfg.MODEL.NAME} on "
              f"{names}: {describe(manifests, names)}")
     dist.seed_everything(cfg.SEED)  # the same init on every rank
-    method = build_classifier(cfg, build_backbone(cfg, log), train_m.labels, frozen)
+    method = build_classifier(cfg, build_backbone_from_cfg(cfg, log), train_m.labels, frozen)
     if method.pos_weight is not None:
         log.info("pos_weight (n_neg / n_pos): " + ", ".join(f"{n} {w:.3g}" for n, w in zip(names, method.pos_weight)))
     log.close()
@@ -161,15 +151,15 @@ def extract_features(cfg, manifests: dict, build_view: ViewBuilder) -> dict[str,
     log = RunLogger(cfg.OUTPUT, dist.is_main())
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dist.seed_everything(cfg.SEED)
-    backbone = build_backbone(cfg, log).to(device).eval()
+    backbone = build_backbone_from_cfg(cfg, log).to(device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
     before = backbone_checksum(backbone)
     feats = {}
     for split, m in manifests.items():
         if m is not None:
-            feats[split] = predict_gathered(backbone, eval_loader(cfg, m, build_view), len(m), device, cfg.TRAIN.AMP,
-                                            cfg.DATA.ON_ERROR == "skip")
+            feats[split] = embed(backbone, eval_loader(cfg, m, build_view), len(m), cfg.TRAIN.AMP,
+                                 cfg.DATA.ON_ERROR == "skip")
             log.info(f"extracted {split} features {tuple(feats[split][1].shape)}")
     if backbone_checksum(backbone) != before:
         raise RuntimeError("the backbone changed during feature extraction")
