@@ -7,7 +7,7 @@ and fine-tuned at several label budgets.
 
 ``--data`` holds ``train.csv``, ``val.csv`` and ``test.csv`` with a 0/1 column ``label``
 (``tools/medmnist_to_manifest.py`` writes them). For every architecture of ``--archs``
-(``configs/study/archs.yaml``: its MODEL keys, the methods it is pretrained with, its fine-tuning
+(``benchmarks/pretrain_gain_archs.yaml``: its MODEL keys, the methods it is pretrained with, its fine-tuning
 recipe) the study runs, each step a real run of an entry script or tool into a folder of
 ``OUT/<arch>/`` (a second call reuses every finished folder, so the study can run in sittings):
 
@@ -22,7 +22,7 @@ recipe) the study runs, each step a real run of an entry script or tool into a f
    validation with all labels (for the random inits, by their mean);
 4. **fine-tuning** (``main_downstream.py --cfg configs/study/finetune.yaml``) of every pretrained backbone
    and of random init ``d`` on draw ``d`` of every budget -> ``ft_<backbone>_<budget>_d<d>_lr<lr>/``; the
-   lr comes from the architecture's ``finetune_lrs``, chosen on validation (see archs.yaml).
+   lr comes from the architecture's ``finetune_lrs``, chosen on validation (see pretrain_gain_archs.yaml).
 
 Budgets (``--budgets``): ``16`` = 16 labelled scans per class, ``10%`` = a tenth of each class,
 ``100%`` = every training label. Draws are class-stratified, ``--draws`` per budget (seeds 0, 1, ...;
@@ -87,7 +87,7 @@ def as_opts(mapping: Optional[dict]) -> list[str]:
 
 
 def read_archs(path: Path, names: Sequence[str]) -> dict[str, dict]:
-    """The architectures ``names`` of ``archs.yaml``; raises naming the file and an unknown one."""
+    """The architectures ``names`` of the archs file; raises naming the file and an unknown one."""
     with open(path) as f:
         archs = yaml.safe_load(f)
     for n in names:
@@ -466,11 +466,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ap.add_argument("--out", required=True, help="output folder (every run in a subfolder; reused when run again)")
     ap.add_argument("--cache-dir", default="", help="preprocessed cache (default OUT/cache)")
     ap.add_argument("--configs", default=str(REPO / "configs" / "study"),
-                    help="folder with base/mae/dino/simclr/finetune.yaml and archs.yaml")
+                    help="folder with base/mae/dino/simclr/finetune.yaml")
+    ap.add_argument("--archs-file", default=str(REPO / "benchmarks" / "pretrain_gain_archs.yaml"),
+                    help="the architectures: MODEL keys, pretraining methods, fine-tuning recipe")
     ap.add_argument("--archs", nargs="+", default=["vit_tiny", "resnet18", "segresnet"],
-                    help="architectures of archs.yaml")
+                    help="architectures of --archs-file")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                    help="pretraining methods (each where archs.yaml lists it for the architecture)")
+                    help="pretraining methods (each where --archs-file lists it for the architecture)")
     ap.add_argument("--budgets", nargs="+", default=["16", "10%", "100%"],
                     help="labelled training scans: N per class or P%% of each class")
     ap.add_argument("--draws", type=int, default=3, help="class-stratified draws per budget (seeds 0..)")
@@ -482,7 +484,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
 
     study = Study(args)
-    archs = read_archs(study.cfgs / "archs.yaml", args.archs)
+    archs = read_archs(Path(args.archs_file).resolve(), args.archs)
     t_start = time.time()
     study.preprocess()
     # architectures of earlier calls on the same --out stay in the JSON (run them in separate sittings)

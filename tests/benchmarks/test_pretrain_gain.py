@@ -134,7 +134,7 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tmp_path):
         assert "random_init/seed_0/backbone.pth" in cfg and "k2_d0.csv" in cfg
         draw = (out / "draws" / "k2_d0.csv").read_text().splitlines()
         assert len(draw) == 1 + 4
-    # the resnet18 lr grid of archs.yaml ran on validation at the first budget below 100 %
+    # the resnet18 lr grid of pretrain_gain_archs.yaml ran on validation at the first budget below 100 %
     lr = report["results"]["resnet18"]["finetune_lr"]
     assert lr["budget"] == "2" and len(lr["val_auroc"]) == 2 and lr["chosen"] in (2e-3, 8e-3)
     saved = json.loads((out / "pretrain_gain.json").read_text())
