@@ -102,7 +102,7 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tmp_path):
     convert(str(ADRENAL), str(data), limit=16)  # 16 scans per split: both classes in each
     out = tmp_path / "study"
     argv = ["--data", str(data), "--out", str(out), "--tiny", "--archs", "vit_tiny", "resnet18",
-            "--methods", "simclr", "--budgets", "2", "100%"]
+            "--methods", "simclr", "--budgets", "2"]  # 100 % is budget_rows' (tested above): one budget keeps it short
     report = main(argv)
     assert report["archs"] == ["vit_tiny", "resnet18"] and report["draws"] == 2
     for arch, res in report["results"].items():
@@ -116,7 +116,7 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tmp_path):
                   for i in (0, 1))
         assert any(not torch.equal(w0[k], w1[k]) for k in w0 if w0[k].is_floating_point())
         for proto in ("linear", "finetune"):
-            assert list(res[proto]) == ["k2", "p100"]
+            assert list(res[proto]) == ["k2"]
             k2 = res[proto]["k2"]
             assert k2["n_labelled"] == 4
             assert len(k2["simclr"]["aurocs"]) == 2
