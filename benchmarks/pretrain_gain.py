@@ -54,11 +54,13 @@ from benchmarks.common import REPO, header, write_json
 from evaluation.collapse import spectrum
 from evaluation.compare import paired_bootstrap_diff
 from evaluation.metrics import read_predictions_csv
+from methods.registry import METHODS as REGISTERED
 
 LABEL = "label"
-METHODS = ("mae", "dino", "simclr")
+METHODS = tuple(REGISTERED)  # main_pretrain_<method>.py exists for each
 SPLITS = ("train", "val", "test")
 # --tiny: every stage runs, each as short as it can be (the test of this script)
+# (given again after an architecture's own keys, so that its epochs do not override them)
 TINY_OPTS = ["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0",
              "MONITOR.NUM_SCANS", "8", "DOWNSTREAM.SAMPLES_PER_EPOCH", "16"]
 
@@ -150,21 +152,27 @@ def read_labels(csv_path: Path) -> tuple[list[str], np.ndarray]:
     return [r["id"] for r in rows], np.array([float(r[LABEL]) if r[LABEL] != "" else np.nan for r in rows])
 
 
-def write_rows(src: Path, rows: np.ndarray, dst: Path) -> Path:
-    """The rows ``rows`` of manifest ``src`` (img_path made absolute) as ``dst``; kept when it exists."""
+def write_rows(parts: Sequence[tuple[Path, Optional[np.ndarray]]], dst: Path) -> Path:
+    """One manifest ``dst`` of the rows of each ``(source manifest, rows)`` in turn (``rows`` None =
+    all), img_path made absolute; kept when it exists. Raises naming a source whose columns differ."""
     if not dst.is_file():
-        with open(src, newline="") as f:
-            reader = csv.DictReader(f)
-            fields, table = reader.fieldnames, list(reader)
+        fields, out = None, []
+        for src, rows in parts:
+            with open(src, newline="") as f:
+                reader = csv.DictReader(f)
+                table = list(reader)
+            if fields is None:
+                fields = reader.fieldnames
+            elif reader.fieldnames != fields:
+                raise SystemExit(f"{src}: columns {reader.fieldnames} differ from {parts[0][0]}'s {fields}")
+            for i in range(len(table)) if rows is None else rows:
+                out.append({**table[int(i)], "img_path": str((src.parent / table[int(i)]["img_path"]).resolve())})
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
-            for i in rows:
-                r = dict(table[int(i)])
-                r["img_path"] = str((src.parent / r["img_path"]).resolve())
-                w.writerow(r)
+            w.writerows(out)
         tmp.replace(dst)
     return dst
 
@@ -260,8 +268,12 @@ class Study:
                        "DATA.TEST_CSV", str(self.data / "test.csv"), "DATA.CACHE_DIR", str(self.cache)]
         self.common += (TINY_OPTS if self.tiny else []) + list(args.opts)
         self.times: dict[str, float] = {}
-        self.ids = {s: read_labels(self.data / f"{s}.csv")[0] for s in SPLITS}
-        self.labels = {s: read_labels(self.data / f"{s}.csv")[1] for s in SPLITS}
+        table = {s: read_labels(self.data / f"{s}.csv") for s in SPLITS}
+        self.ids = {s: table[s][0] for s in SPLITS}
+        self.labels = {s: table[s][1] for s in SPLITS}
+        all_ids = [i for s in SPLITS for i in self.ids[s]]
+        if len(set(all_ids)) != len(all_ids):
+            raise SystemExit(f"{self.data}: ids repeat across train/val/test; the study needs unique ids")
         for b in self.budgets:  # a budget that leaves a class empty stops the study before any run
             try:
                 budget_rows(self.labels["train"], b, 0)
@@ -272,23 +284,21 @@ class Study:
         return [sys.executable, script, "--cfg", str(self.cfgs / cfg), "--opts", "OUTPUT", str(folder),
                 *self.common, *opts]
 
-    def step(self, name: str, done: Path, cmd: list[str], log: Path) -> None:
-        """Run ``cmd`` unless ``done`` exists (a finished earlier run; a pretraining counts as finished
-        when its ``checkpoint_last.pth`` holds every epoch: :func:`pretrain_finished`)."""
-        finished = pretrain_finished(done.parent) if done.name == "checkpoint_last.pth" else done.exists()
+    def step(self, name: str, finished: bool, cmd: list[str], log: Path) -> None:
+        """Run ``cmd`` unless an earlier call ``finished`` it."""
         if not finished:
             print(f"[pretrain_gain] {name}", flush=True)
             self.times[name] = run(cmd, log)
 
     def preprocess(self) -> None:
-        self.step("preprocess", self.out / "logs" / "preprocess.done",
+        self.step("preprocess", (self.out / "logs" / "preprocess.done").is_file(),
                   [sys.executable, "-m", "tools.preprocess", "--cfg", str(self.cfgs / "base.yaml"), "--no-progress",
                    "--opts", *self.common], self.out / "logs" / "preprocess.log")
         (self.out / "logs" / "preprocess.done").touch()
 
     def draw_csv(self, spec: str, d: int) -> Path:
         rows = budget_rows(self.labels["train"], spec, d)
-        return write_rows(self.data / "train.csv", rows, self.out / "draws" / f"{budget_name(spec)}_d{d}.csv")
+        return write_rows([(self.data / "train.csv", rows)], self.out / "draws" / f"{budget_name(spec)}_d{d}.csv")
 
 
 def random_backbone(study: Study, model_opts: list[str], seed: int, path: Path) -> str:
@@ -328,24 +338,9 @@ def features(study: Study, arch: str, adir: Path, name: str, ckpt: str, model_op
              pools: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
     """``pool -> split -> [N, D]`` pooled features of one backbone (one extraction over all splits)."""
     folder = adir / f"features_{name}"
-    all_csv = study.out / "draws" / "all.csv"
-    if not all_csv.is_file():
-        parts = [(s, read_labels(study.data / f"{s}.csv")) for s in SPLITS]
-        ids = [i for _, (ids, _) in parts for i in ids]
-        if len(set(ids)) != len(ids):
-            raise SystemExit(f"{study.data}: ids repeat across train/val/test; the study needs unique ids")
-        tables = []
-        for s in SPLITS:
-            with open(study.data / f"{s}.csv", newline="") as f:
-                tables.append(list(csv.DictReader(f)))
-        all_csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(all_csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(tables[0][0]))
-            w.writeheader()
-            for r in (r for t in tables for r in t):
-                w.writerow({**r, "img_path": str((study.data / r["img_path"]).resolve())})
+    all_csv = write_rows([(study.data / f"{s}.csv", None) for s in SPLITS], study.out / "draws" / "all.csv")
     vit = pools != ["avg"]
-    study.step(f"features {arch} {name}", folder / "features.npy",
+    study.step(f"features {arch} {name}", (folder / "features.npy").is_file(),
                [sys.executable, "-m", "tools.extract_features", "--cfg", str(study.cfgs / "base.yaml"), "--opts",
                 "OUTPUT", str(folder), *study.common, "DATA.TEST_CSV", str(all_csv), *model_opts,
                 "MODEL.PRETRAINED", ckpt, *(["MODEL.POOL", "cls+mean"] if vit else [])],
@@ -381,7 +376,7 @@ def run_arch(study: Study, arch: str, spec: dict, methods: Sequence[str]) -> dic
     backbones: dict[str, str] = {}
     for m in (m for m in spec.get("pretrain", {}) if m in methods):
         folder = adir / f"pretrain_{m}"
-        study.step(f"pretrain {arch} {m}", folder / "checkpoint_last.pth",
+        study.step(f"pretrain {arch} {m}", pretrain_finished(folder),
                    study.entry(f"main_pretrain_{m}.py", f"{m}.yaml", folder, *model_opts,
                                *as_opts(spec["pretrain"][m]), *(TINY_OPTS if study.tiny else [])),
                    logs / f"pretrain_{m}.log")
@@ -423,7 +418,7 @@ def run_arch(study: Study, arch: str, spec: dict, methods: Sequence[str]) -> dic
 
     def ft(b: str, spec_b: str, d: int, lr: float) -> Path:
         folder = adir / f"ft_{b}_{budget_name(spec_b)}_d{d}_lr{lr:g}"
-        study.step(f"finetune {arch} {b} {spec_b} draw {d} lr {lr:g}", folder / "metrics.json",
+        study.step(f"finetune {arch} {b} {spec_b} draw {d} lr {lr:g}", (folder / "metrics.json").is_file(),
                    study.entry("main_downstream.py", "finetune.yaml", folder, *model_opts,
                                *as_opts(spec.get("finetune")), *(TINY_OPTS if study.tiny else []),
                                "DATA.TRAIN_CSV", str(study.draw_csv(spec_b, d)), "SEED", str(d),

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 from torch import nn
 
+from config import ConfigError
 from engine import dist
 from engine.embed import embed
 from evaluation.collapse import effective_rank, feature_std
@@ -48,7 +49,7 @@ class CollapseMonitor:
         manifest = Manifest.read(csv, root=cfg.DATA.ROOT)
         rows = monitor_rows(len(manifest), cfg.MONITOR.NUM_SCANS)
         if len(rows) < 2:
-            raise ValueError(f"the collapse monitor needs at least 2 scans; {csv} has {len(manifest)} rows and "
+            raise ConfigError(f"the collapse monitor needs at least 2 scans; {csv} has {len(manifest)} rows and "
                              f"MONITOR.NUM_SCANS is {cfg.MONITOR.NUM_SCANS} (0 turns the monitor off)")
         self.cfg = cfg
         self.source = csv

@@ -88,7 +88,12 @@ def test_bad_study_input_is_named(tmp_path):
     with pytest.raises(SystemExit, match="no train.csv"):
         main(["--data", str(tmp_path), "--out", str(tmp_path / "o")])
     for s in ("train", "val", "test"):
-        (tmp_path / f"{s}.csv").write_text("img_path,id,label\na.nii.gz,a,1\nb.nii.gz,b,0\n")
+        (tmp_path / f"{s}.csv").write_text(f"img_path,id,label\na.nii.gz,{s}_a,1\nb.nii.gz,{s}_b,0\n")
+    (tmp_path / "dup").mkdir()
+    for s in ("train", "val", "test"):
+        (tmp_path / "dup" / f"{s}.csv").write_text("img_path,id,label\na.nii.gz,a,1\nb.nii.gz,b,0\n")
+    with pytest.raises(SystemExit, match="ids repeat across train/val/test"):
+        main(["--data", str(tmp_path / "dup"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="leaves the class empty"):
         main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--budgets", "10%"])
     with pytest.raises(SystemExit, match="--archs vgg"):

@@ -22,27 +22,18 @@ def backbone():
 
 
 class Rows(torch.utils.data.Dataset):
-    def __init__(self, n):
-        self.n = n
+    """n 16^3 volumes: constant i (ordered logits), or random seeded by i (distinct, unordered logits)."""
+
+    def __init__(self, n, random=False):
+        self.n, self.random = n, random
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
-        return {"image": torch.full((1, 16, 16, 16), float(i)), "index": i}
-
-
-class RandomRows(torch.utils.data.Dataset):
-    """n random 16^3 volumes (seeded by index): distinct, unordered logits."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return {"image": torch.rand(1, 16, 16, 16, generator=torch.Generator().manual_seed(int(i))), "index": i}
+        image = torch.rand(1, 16, 16, 16, generator=torch.Generator().manual_seed(int(i))) if self.random \
+            else torch.full((1, 16, 16, 16), float(i))
+        return {"image": image, "index": i}
 
 
 def test_validation_scorer_reports_auroc_and_score():
@@ -62,10 +53,10 @@ def test_validation_scorer_equals_sklearn_on_the_same_logits_and_labels(pos_weig
     n = 10
     labels = np.array([[0, 1], [1, 0], [0, np.nan], [1, 1], [0, 0], [1, 0], [0, 1], [np.nan, 0], [1, 1], [0, 0]])
     order = [7, 2, 9, 0, 4, 1, 8, 3, 6, 5]  # the loader sees the rows shuffled; the labels are in dataset order
-    row = ValidationScorer(DataLoader(RandomRows(n), batch_size=3, sampler=order), labels, ["ICH", "SDH"])(m, 0)
+    row = ValidationScorer(DataLoader(Rows(n, random=True), batch_size=3, sampler=order), labels, ["ICH", "SDH"])(m, 0)
     m.eval()
     with torch.no_grad():  # the reference: logits row by row, in dataset order
-        z = m.logits(torch.stack([RandomRows(n)[i]["image"] for i in range(n)])).double().numpy()  # [n, 2]
+        z = m.logits(torch.stack([Rows(n, random=True)[i]["image"] for i in range(n)])).double().numpy()  # [n, 2]
     prob = 1 / (1 + np.exp(-z))
     aucs = []
     for j, name in enumerate(["ICH", "SDH"]):
