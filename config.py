@@ -79,7 +79,10 @@ _C.TRAIN.AMP = "none"  # 'bf16' | 'fp16' (with a GradScaler) | 'none'; productio
 _C.TRAIN.COMPILE = False  # torch.compile the method's model
 _C.TRAIN.RESUME = "auto"  # 'auto' (OUTPUT/checkpoint_last.pth if present) | a checkpoint path | ''
 _C.TRAIN.SAVE_EVERY = 10  # epochs between numbered checkpoint_epochN.pth (0 = never)
-_C.TRAIN.SAVE_MINUTES = 30.0  # also write checkpoint_last.pth this often within an epoch (0 = off)
+_C.TRAIN.SAVE_MINUTES = 10.0  # also write checkpoint_last.pth this often within an epoch (0 = off): what a
+#   rank killed without warning (SIGKILL, a dead node) loses at most; docs/cluster.md#faults
+_C.TRAIN.ON_NONFINITE = "stop"  # a NaN/inf loss on any rank: 'stop' the run | 'skip' the step (no update)
+_C.TRAIN.MAX_SKIPPED_STEPS = 10  # under ON_NONFINITE skip: this many skipped steps in a row stop the run
 _C.TRAIN.LOG_EVERY = 10  # iterations between logged step lines / metrics.jsonl rows
 _C.TRAIN.EVAL_EVERY = 1  # epochs between validation passes (when DATA.VAL_CSV is set)
 
@@ -170,6 +173,7 @@ CHOICES = {
     "MODEL.POS_EMBED": POS_EMBEDS,
     "TRAIN.OPTIMIZER": ("adamw", "sgd"),
     "TRAIN.AMP": ("bf16", "fp16", "none"),
+    "TRAIN.ON_NONFINITE": ("stop", "skip"),
     "SIMCLR.MODE": ("inter", "intra", "negative_mined"),
     "DOWNSTREAM.MODE": ("finetune", "linear", "fewshot"),
     "DOWNSTREAM.HEAD": ("linear", "attentive"),
@@ -181,7 +185,7 @@ NON_NEGATIVE = ("MODEL.FEATURE_SIZE", "TRAIN.EPOCHS", "TRAIN.WARMUP_EPOCHS", "TR
                 "TRAIN.MIN_LR", "TRAIN.WEIGHT_DECAY", "MAE.VIS_EVERY", "DINO.KNN_EVERY",
                 "DINO.FREEZE_LAST_LAYER_EPOCHS", "SIMCLR.ROTATION_WEIGHT", "SIMCLR.INPAINT_WEIGHT",
                 "DINO.KOLEO_WEIGHT", "DINO.IBOT_WEIGHT", "MONITOR.NUM_SCANS")
-POSITIVE = ("DATA.BATCH_SIZE", "TRAIN.ACCUM_STEPS", "TRAIN.LOG_EVERY", "TRAIN.EVAL_EVERY",
+POSITIVE = ("DATA.BATCH_SIZE", "TRAIN.ACCUM_STEPS", "TRAIN.LOG_EVERY", "TRAIN.EVAL_EVERY", "TRAIN.MAX_SKIPPED_STEPS",
             "DOWNSTREAM.FEW_SHOT_K", "DOWNSTREAM.FEW_SHOT_SEEDS", "DINO.GLOBAL_CROPS", "DINO.OUT_DIM",
             "SIMCLR.TEMPERATURE", "SIMCLR.PATCHES_PER_SCAN", "DOWNSTREAM.BOOTSTRAP")
 FRACTIONS = ("MAE.MASK_RATIO", "DATA.MAX_BAD_FRACTION", "MODEL.MIN_LOADED_FRACTION",
@@ -260,9 +264,14 @@ def validate(cfg: CN) -> None:
         roi, patch = list(cfg.DATA.ROI), list(cfg.MODEL.PATCH_SIZE)
         if any(r % p for r, p in zip(roi, patch)):
             raise ConfigError(f"DATA.ROI = {roi} is not divisible by MODEL.PATCH_SIZE = {patch}")
-    if cfg.TRAIN.WARMUP_EPOCHS > cfg.TRAIN.EPOCHS:
-        raise ConfigError(f"TRAIN.WARMUP_EPOCHS = {cfg.TRAIN.WARMUP_EPOCHS} exceeds TRAIN.EPOCHS = "
-                          f"{cfg.TRAIN.EPOCHS}")
+    # a run whose optimizer steps all get lr 0 "trains" and saves its random init
+    if cfg.TRAIN.WARMUP_EPOCHS > 0 and cfg.TRAIN.WARMUP_EPOCHS >= cfg.TRAIN.EPOCHS:
+        raise ConfigError(f"TRAIN.WARMUP_EPOCHS = {cfg.TRAIN.WARMUP_EPOCHS} covers the whole run (TRAIN.EPOCHS = "
+                          f"{cfg.TRAIN.EPOCHS}): the lr would still be warming up from 0 at the last step (with "
+                          "one step an epoch, never above 0); use fewer warm-up epochs than epochs")
+    if cfg.TRAIN.BASE_LR == 0 and cfg.TRAIN.MIN_LR == 0:
+        raise ConfigError("TRAIN.BASE_LR = 0 and TRAIN.MIN_LR = 0: every optimizer step would have lr 0 and the "
+                          "run would save its initial weights")
     if not cfg.DOWNSTREAM.LABELS:
         raise ConfigError("DOWNSTREAM.LABELS is empty; name at least one label column")
     if cfg.DOWNSTREAM.FEATURE_CACHE and cfg.DOWNSTREAM.MODE == "finetune":

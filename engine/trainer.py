@@ -156,6 +156,8 @@ class Trainer:
         self.best_score = -math.inf
         self.best_epoch = -1
         self.skipped: dict[str, str] = {}
+        self.nonfinite_streak = 0  # consecutive steps skipped for a non-finite loss (kept in checkpoints)
+        self.skipped_steps = 0  # steps skipped in this epoch
         self._stop_signal: Optional[int] = None
         self._last_save = time.monotonic()
         # every rank its own stream of randomness (masks, dropout) after the shared model init
@@ -173,6 +175,7 @@ class Trainer:
             "world_size": self.world,
             "config": self.cfg.dump(),
             "monitor": self.monitor.state_dict() if self.monitor is not None else {},
+            "nonfinite_streak": self.nonfinite_streak,
         }
 
     def save(self, names: list[str]) -> None:
@@ -201,6 +204,7 @@ class Trainer:
         self.iteration = state["iteration"]
         self.epoch_sums = dict(state["epoch_sums"])
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         if self.monitor is not None:
             self.monitor.load_state_dict(state.get("monitor", {}))
         rngs = state["rng"]
@@ -277,6 +281,7 @@ class Trainer:
         data_s = step_s = 0.0
         timer, epoch_start = Timer(), time.perf_counter()
         micro = 0
+        skip_step = False  # this optimizer step met a non-finite loss (TRAIN.ON_NONFINITE skip)
         lr = wd = 0.0
         for batch in self.train_loader:
             data_s += timer.lap()
@@ -296,36 +301,40 @@ class Trainer:
                     out = self.model(batch)
                 loss = out["loss"]
                 nonfinite, stop, save_due = self._flags(loss)
-                if nonfinite:
-                    ids = batch.get("id", batch.get("index"))
-                    raise NonFiniteLossError(
-                        f"non-finite loss {loss.item()} at epoch {self.epoch} iteration {self.iteration} "
-                        f"(on some rank; this rank's batch ids: {list(ids) if ids is not None else '?'}); "
-                        "nothing was saved from this step. Lower TRAIN.BASE_LR, set TRAIN.CLIP_GRAD, or use "
-                        "TRAIN.AMP bf16 instead of fp16")
-                self.scaler.scale(loss / self.accum).backward()
-            for k, v in out.items():
-                window[k] = window.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
-            n_window += 1
+                if nonfinite and not skip_step:  # the same decision on every rank: the flags are summed
+                    skip_step = True
+                    self._on_nonfinite(loss, batch)
+                if not skip_step:
+                    self.scaler.scale(loss / self.accum).backward()
+                    for k, v in out.items():
+                        window[k] = window.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
+                    n_window += 1
             micro += 1
             if not last_micro:
                 continue
             micro = 0
-            hook = (lambda: m.on_after_backward(self.epoch)) if hasattr(m, "on_after_backward") else None
-            gn = optimizer_step(self.optimizer, self.scaler, cfg.TRAIN.CLIP_GRAD, before_clip=hook)
-            if gn is not None:
-                window["grad_norm"] = window.get("grad_norm", 0.0) + float(gn) * self.accum
-            if hasattr(m, "on_step_end"):
-                m.on_step_end(self.iteration)
+            if skip_step:  # no update: gradients of earlier micro-batches dropped, scaler and EMA untouched
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+            else:
+                self.nonfinite_streak = 0
+                hook = (lambda: m.on_after_backward(self.epoch)) if hasattr(m, "on_after_backward") else None
+                gn = optimizer_step(self.optimizer, self.scaler, cfg.TRAIN.CLIP_GRAD, before_clip=hook)
+                if gn is not None:
+                    window["grad_norm"] = window.get("grad_norm", 0.0) + float(gn) * self.accum
+                if hasattr(m, "on_step_end"):
+                    m.on_step_end(self.iteration)
+                for k, v in out.items():
+                    if isinstance(v, (torch.Tensor, float, int)):
+                        v = v.detach() if isinstance(v, torch.Tensor) else v
+                        self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + float(v)
+                self.epoch_sums["_n"] = self.epoch_sums.get("_n", 0.0) + 1
+            skip_step = False
             self.iteration += 1
             self.step_in_epoch += 1
             step_s += timer.lap()
-            for k, v in out.items():
-                if isinstance(v, (torch.Tensor, float, int)):
-                    v = v.detach() if isinstance(v, torch.Tensor) else v
-                    self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + float(v)
-            self.epoch_sums["_n"] = self.epoch_sums.get("_n", 0.0) + 1
-            if self.step_in_epoch % cfg.TRAIN.LOG_EVERY == 0 or self.step_in_epoch == self.iters_per_epoch:
+            if (self.step_in_epoch % cfg.TRAIN.LOG_EVERY == 0 or self.step_in_epoch == self.iters_per_epoch) \
+                    and n_window:
                 self._log_step(window, n_window, lr, wd, data_s, step_s, epoch_start)
                 window, n_window, data_s, step_s = {}, 0, 0.0, 0.0
             if stop:
@@ -343,8 +352,34 @@ class Trainer:
             timer.lap()
         n = max(1.0, self.epoch_sums.pop("_n", 1.0))
         means = {k: v / n for k, v in self.epoch_sums.items()}
+        if self.skipped_steps:
+            means["skipped_steps"] = float(self.skipped_steps)
         self.epoch_sums = {}
+        self.skipped_steps = 0
         return means
+
+    def _on_nonfinite(self, loss: torch.Tensor, batch: dict) -> None:
+        """A non-finite loss on some rank (every rank calls this in the same step): stop the run under
+        TRAIN.ON_NONFINITE stop, or under skip log every rank's scan ids and stop after
+        TRAIN.MAX_SKIPPED_STEPS skipped steps in a row."""
+        t = self.cfg.TRAIN
+        ids = batch.get("id", batch.get("index"))
+        ids = [str(i.item() if isinstance(i, torch.Tensor) else i) for i in ids] if ids is not None else ["?"]
+        gathered = dist.all_gather_object((self.rank, float(loss.detach()), ids))
+        where = "; ".join(f"rank {r}: loss {v} ids {', '.join(i)}" for r, v, i in gathered if not math.isfinite(v))
+        at = f"epoch {self.epoch} iteration {self.iteration}"
+        if t.ON_NONFINITE == "stop":
+            raise NonFiniteLossError(
+                f"non-finite loss at {at} ({where}); nothing was saved from this step. Lower TRAIN.BASE_LR, "
+                "set TRAIN.CLIP_GRAD, use TRAIN.AMP bf16 instead of fp16, or TRAIN.ON_NONFINITE skip")
+        self.nonfinite_streak += 1
+        self.log.warning(f"non-finite loss at {at}: step skipped (no update), {self.nonfinite_streak} in a row; "
+                         f"{where}")
+        if self.nonfinite_streak >= t.MAX_SKIPPED_STEPS:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_streak} steps in a row had a non-finite loss (TRAIN.MAX_SKIPPED_STEPS = "
+                f"{t.MAX_SKIPPED_STEPS}), the last at {at} ({where}); the run cannot recover by skipping. "
+                "Lower TRAIN.BASE_LR, set TRAIN.CLIP_GRAD, or resume from an earlier checkpoint")
 
     def _log_step(self, window, n, lr, wd, data_s, step_s, epoch_start) -> None:
         cfg = self.cfg
@@ -399,6 +434,7 @@ class Trainer:
                       f"{self.iters_per_epoch} iterations on {self.world} process(es), {self.device}; "
                       f"{n_params / 1e6:.2f}M trainable parameters; lr {self.lr:.3g} (global batch "
                       f"{cfg.DATA.BATCH_SIZE * self.world * self.accum})")
+        start_weights = self._fingerprint()
         row: dict = {}
         first_row: dict = {}  # the untrained backbone's monitor numbers, logged with the first epoch
         if self.monitor is not None and not self.monitor.initial and self.iteration == 0:
@@ -442,9 +478,21 @@ class Trainer:
                     names.append(f"checkpoint_epoch{self.epoch}.pth")
                 self.save(names)
                 self.save_backbone()
+        if torch.equal(start_weights, self._fingerprint()):
+            self.log.warning(f"the trainable weights did not change in this run ({self.iteration} optimizer steps "
+                             "in all): every step was skipped or had lr 0, or the gradients were all zero; "
+                             f"{cfg.OUTPUT} holds the weights it started from")
         self.log.info(f"finished {cfg.TRAIN.EPOCHS} epochs; run folder {cfg.OUTPUT}")
         self.log.close()
         return row
+
+    @torch.no_grad()
+    def _fingerprint(self) -> torch.Tensor:
+        """Sum and sum of squares of every trainable tensor (float64, a few numbers per tensor, no copy of the
+        weights): equal before and after a run only when no trainable weight moved."""
+        sums = [torch.stack([p.double().sum(), p.double().square().sum()])
+                for p in self.method.parameters() if p.requires_grad]
+        return torch.stack(sums).cpu() if sums else torch.zeros(0, dtype=torch.float64)
 
     def _visualize(self) -> None:
         m = self.method

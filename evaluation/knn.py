@@ -44,6 +44,26 @@ def knn_scores(features: np.ndarray, labels: np.ndarray, k: int, temperature: fl
     return (w * y).sum(1).numpy()
 
 
+def knn_k(k: int, n: int) -> int:
+    """``k`` capped at half of the ``n - 1`` other scans (at least 1).
+
+    Leave-one-out k-NN with ``k = n - 1`` takes every other scan as a neighbour: a scan's score is
+    then the mean of the others' labels, a function of its own label alone (a positive scan has one
+    positive fewer among its neighbours), so the AUROC inverts whatever the features. The cap keeps
+    the neighbours a choice the features make.
+    """
+    return max(1, min(int(k), (n - 1) // 2))
+
+
+def collapsed(features: np.ndarray, tol: float = 1e-6) -> bool:
+    """True when every pair of features has the same cosine similarity (within ``tol``): constant or
+    fully collapsed features, on which neighbours (and a k-NN AUROC) mean nothing."""
+    x = F.normalize(torch.from_numpy(np.asarray(features, dtype=np.float64)), dim=1)
+    sim = x @ x.t()
+    off = sim[~torch.eye(len(x), dtype=torch.bool)]
+    return off.numel() == 0 or float(off.max() - off.min()) < tol
+
+
 class KNNMonitor:
     """``evaluator(method, epoch)`` for the trainer: k-NN AUROC of frozen TEACHER features.
 
@@ -51,8 +71,9 @@ class KNNMonitor:
     embeds the centred :class:`data.views.SingleView` of every scan of ``DATA.VAL_CSV``; the
     features are gathered from all ranks (:func:`engine.embed.embed`) and scored by
     leave-one-out weighted k-NN (``DINO.KNN_K``, cosine) against the ``DINO.KNN_LABEL`` column
-    (blank labels skipped). Logged: ``knn_auroc`` (also returned as ``score``, so the trainer keeps
-    ``checkpoint_best.pth``), ``knn_n``, and ``rank_center_maxdiff`` / ``rank_teacher_maxdiff``
+    (blank labels skipped), with k capped by :func:`knn_k` (a warning says so). Logged: ``knn_auroc``
+    (also returned as ``score``, so the trainer keeps ``checkpoint_best.pth``; neither when the
+    features have :func:`collapsed`), ``knn_n``, ``knn_k``, and ``rank_center_maxdiff`` / ``rank_teacher_maxdiff``
     (largest difference of the centre / a teacher checksum between ranks: 0 when the ranks agree).
 
     Args:
@@ -72,6 +93,7 @@ class KNNMonitor:
         # reads the CSV now: a missing label column fails at start-up, not epochs later
         self.dataset = build_dataset(cfg, cfg.DATA.VAL_CSV, SingleView(cfg, train=False), label_columns=[self.label])
         self._loader = None
+        self._warned = False
 
     def due(self, epoch: int) -> bool:
         """k-NN runs after epoch ``epoch`` (0-based) when this is True."""
@@ -99,8 +121,20 @@ class KNNMonitor:
             log.warning("k-NN monitor: %d labelled scans in %s with classes %s for %r; AUROC needs both "
                         "classes", len(labels), self.cfg.DATA.VAL_CSV, np.unique(labels).tolist(), self.label)
             return out
+        k = knn_k(self.k, len(labels))
+        if k < self.k and not self._warned:
+            self._warned = True
+            log.warning("k-NN monitor: DINO.KNN_K = %d with %d labelled scans in %s; using k = %d. With k near "
+                        "n - 1 every scan's neighbours are all the other scans, its score depends only on its "
+                        "own label and the AUROC inverts (0 for identical features)", self.k, len(labels),
+                        self.cfg.DATA.VAL_CSV, k)
+        out["knn_k"] = k
+        if collapsed(feats):
+            log.warning("k-NN monitor: all %d teacher features point the same way (collapsed); no k-NN AUROC and "
+                        "no best checkpoint from this epoch", len(labels))
+            return out
         from sklearn.metrics import roc_auc_score
-        auroc = float(roc_auc_score(labels, knn_scores(feats, labels, self.k)))
+        auroc = float(roc_auc_score(labels, knn_scores(feats, labels, k)))
         out.update({"knn_auroc": auroc, "score": auroc})
         return out
 

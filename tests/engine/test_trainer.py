@@ -112,6 +112,40 @@ def test_two_processes_gloo_one_log_one_checkpoint(tmp_path):
     assert state["iteration"] == 2 * 8  # 64 samples / (2 ranks x 4)
 
 
+def test_sigkill_of_one_rank_torchrun_restarts_and_resumes_from_the_step_checkpoint(tmp_path):
+    """A rank killed without warning: torchrun --max-restarts starts the group again, which resumes from
+    the last step checkpoint (TRAIN.SAVE_MINUTES) and ends with the weights of an unbroken run."""
+    import psutil
+    opts = ["TRAIN.LOG_EVERY", "1", "TRAIN.SAVE_MINUTES", "0.0001"]  # a checkpoint after every step
+
+    def torchrun(port, restarts):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                "--max-restarts", str(restarts)]
+    ref = tmp_path / "ref"
+    r = run_toy(ref, *opts, launcher=torchrun(29535, 0), env={"TOY_RANK_WEIGHTS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    cut = tmp_path / "cut"
+    p = run_toy(cut, *opts, launcher=torchrun(29537, 1), env={"TOY_SLEEP": "0.03", "TOY_RANK_WEIGHTS": "1"},
+                wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # mid-epoch 1, after a few step checkpoints
+        if (cut / "metrics.jsonl").exists() and any(r.get("epoch") == 1 and r.get("step", 0) >= 3 for r in rows(cut)):
+            break
+        time.sleep(0.05)
+    ranks = [c for c in psutil.Process(p.pid).children() if c.environ().get("RANK") == "1"]
+    assert len(ranks) == 1
+    ranks[0].send_signal(signal.SIGKILL)
+    stdout, _ = p.communicate(timeout=180)
+    assert p.returncode == 0, stdout
+    log = (cut / "log.txt").read_text()
+    resumed = [line for line in log.splitlines() if "resumed from" in line]
+    assert len(resumed) == 1 and "at epoch 1 step 0" not in resumed[0], log  # a step checkpoint, mid-epoch
+    for rank in (0, 1):
+        a, b = (torch.load(d / f"rank{rank}.pth", weights_only=True) for d in (ref, cut))
+        assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-6
+
+
 def test_non_finite_loss_stops_naming_batch_and_saves_nothing_bad(tmp_path):
     r = run_toy(tmp_path, "TRAIN.SAVE_EVERY", "0", env={"TOY_NAN_AT": "20"})
     assert r.returncode != 0
@@ -119,6 +153,62 @@ def test_non_finite_loss_stops_naming_batch_and_saves_nothing_bad(tmp_path):
     state = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
     assert state["epoch"] == 1 and state["iteration"] == 16  # the last good epoch, not the NaN step
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_non_finite_loss_skipped_when_asked_no_update_then_the_run_goes_on(tmp_path):
+    ref = run_toy(tmp_path / "ref", "TRAIN.EPOCHS", "2")
+    skip = run_toy(tmp_path / "skip", "TRAIN.EPOCHS", "2", "TRAIN.ON_NONFINITE", "skip", env={"TOY_NAN_AT": "20-21"})
+    assert ref.returncode == 0 and skip.returncode == 0, skip.stdout + skip.stderr
+    log = (tmp_path / "skip" / "log.txt").read_text()
+    assert "non-finite loss at epoch 1 iteration 20: step skipped (no update), 1 in a row" in log
+    assert "iteration 21: step skipped (no update), 2 in a row" in log and "ids toy" in log
+    epochs = [r for r in rows(tmp_path / "skip") if "epoch_s" in r]
+    assert "skipped_steps" not in epochs[0] and epochs[1]["skipped_steps"] == 2.0
+    assert all(np.isfinite(r["loss"]) for r in rows(tmp_path / "skip") if "loss" in r)
+    state = torch.load(tmp_path / "skip" / "checkpoint_last.pth", weights_only=True)
+    assert state["iteration"] == 32 and state["nonfinite_streak"] == 0
+    assert int(state["model"]["steps_seen"]) == 30  # on_step_end (an EMA update) skipped with the step
+    a, b = weights(tmp_path / "ref"), weights(tmp_path / "skip")
+    assert all(torch.isfinite(v).all() for v in b.values())
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # two steps fewer: not the reference run
+
+
+def test_non_finite_loss_skipping_stops_after_max_in_a_row(tmp_path):
+    r = run_toy(tmp_path, "TRAIN.ON_NONFINITE", "skip", "TRAIN.MAX_SKIPPED_STEPS", "3", env={"TOY_NAN_AT": "5-100"})
+    assert r.returncode != 0
+    assert "3 steps in a row had a non-finite loss (TRAIN.MAX_SKIPPED_STEPS = 3), the last at epoch 0 " \
+           "iteration 7" in r.stderr
+
+
+def test_non_finite_loss_on_one_rank_every_rank_skips_the_same_step(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    r = run_toy(tmp_path, "TRAIN.EPOCHS", "2", "TRAIN.ON_NONFINITE", "skip", launcher=launcher,
+                env={"TOY_NAN_AT": "10", "TOY_NAN_RANK": "1", "TOY_RANK_WEIGHTS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("step skipped") == 1
+    assert "iteration 10: step skipped (no update), 1 in a row; rank 1: loss nan ids toy" in log
+    w0, w1 = (torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in (0, 1))
+    assert int(w0["steps_seen"]) == int(w1["steps_seen"]) == 15  # 16 steps, one skipped on both ranks
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+
+
+def test_a_run_whose_weights_did_not_move_says_so(tmp_path):
+    r = run_toy(tmp_path, "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.ON_NONFINITE", "skip",
+                "TRAIN.MAX_SKIPPED_STEPS", "100", env={"TOY_NAN_AT": "0-15"})
+    assert r.returncode == 0, r.stderr
+    assert "the trainable weights did not change in this run (16 optimizer steps in all)" in r.stdout + r.stderr
+    r = run_toy(tmp_path / "moves")
+    assert r.returncode == 0 and "did not change" not in r.stdout + r.stderr
+
+
+def test_a_schedule_that_never_leaves_lr_0_is_refused(tmp_path):
+    r = run_toy(tmp_path, "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "1")
+    assert r.returncode != 0 and "TRAIN.WARMUP_EPOCHS = 1 covers the whole run (TRAIN.EPOCHS = 1)" in r.stderr
+    r = run_toy(tmp_path, "TRAIN.BASE_LR", "0.0", "TRAIN.MIN_LR", "0.0")
+    assert r.returncode != 0 and "every optimizer step would have lr 0" in r.stderr
+    assert not (tmp_path / "backbone.pth").exists()
 
 
 class Volumes(torch.utils.data.Dataset):

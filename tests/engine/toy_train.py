@@ -1,8 +1,9 @@
 """A tiny method and dataset for engine tests; runnable under python or torchrun.
 
     python tests/engine/toy_train.py --opts OUTPUT DIR TRAIN.EPOCHS 3 ...
-Environment: TOY_SLEEP (seconds per sample, to leave time for signals), TOY_NAN_AT (iteration
-at which the loss becomes NaN).
+Environment: TOY_SLEEP (seconds per sample, to leave time for signals), TOY_NAN_AT (iteration, or
+inclusive range ``A-B`` of iterations, at which the loss becomes NaN), TOY_NAN_RANK (only on this rank),
+TOY_RANK_WEIGHTS (each rank saves its final model to ``OUTPUT/rank<r>.pth``).
 """
 import os
 import sys
@@ -49,7 +50,10 @@ class ToyMethod(nn.Module):
         self.backbone = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32))
         self.head = nn.Linear(32, 1)
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
-        self.nan_at = int(os.environ.get("TOY_NAN_AT", "-1"))
+        first, _, last = os.environ.get("TOY_NAN_AT", "").partition("-")
+        self.nan_at = range(int(first), int(last or first) + 1) if first else range(0)
+        if os.environ.get("TOY_NAN_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+            self.nan_at = range(0)
         self.it = 0
 
     def on_step_start(self, it, epoch, total_iters):
@@ -63,7 +67,7 @@ class ToyMethod(nn.Module):
         h = h * (torch.rand_like(h) > 0.1)  # uses the global torch RNG, as MAE masking does
         pred = self.head(h).squeeze(-1)
         loss = ((pred - batch["y"]) ** 2).mean()
-        if self.it == self.nan_at:
+        if self.it in self.nan_at:
             loss = loss * float("nan")
         return {"loss": loss, "pred_mean": pred.mean().detach()}
 
@@ -75,8 +79,11 @@ def main(argv=None):
     data = ToyData(int(os.environ.get("TOY_N", "64")), cfg.SEED)
     loader = dist.make_loader(data, cfg, train=True, collate_fn=collate)
     val = dist.make_loader(ToyData(10, cfg.SEED), cfg, train=False, collate_fn=collate)
+    method = ToyMethod()
     try:
-        Trainer(cfg, ToyMethod(), loader, val).fit()
+        Trainer(cfg, method, loader, val).fit()
+        if os.environ.get("TOY_RANK_WEIGHTS"):
+            torch.save(method.state_dict(), os.path.join(cfg.OUTPUT, f"rank{dist.get_rank()}.pth"))
     finally:
         dist.cleanup()
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from config import get_defaults
-from evaluation.knn import KNNMonitor, knn_scores
+from evaluation.knn import KNNMonitor, collapsed, knn_k, knn_scores
 
 
 def test_knn_scores_leave_one_out():
@@ -24,3 +24,15 @@ def test_knn_monitor_needs_val_csv():
     cfg.DINO.KNN_EVERY = 1
     with pytest.raises(ValueError, match="DATA.VAL_CSV"):
         KNNMonitor(cfg)
+
+
+def test_k_near_n_inverts_the_auroc_and_the_cap_prevents_it():
+    from sklearn.metrics import roc_auc_score
+    same = np.ones((8, 4))  # identical features: equal weights over the neighbours
+    labels = np.array([0, 1] * 4)
+    # k = n - 1: each scan is scored by all the others' labels, so positives score lower than negatives
+    assert roc_auc_score(labels, knn_scores(same, labels, k=7)) == 0.0
+    assert knn_k(20, 8) == 3 and knn_k(3, 100) == 3 and knn_k(5, 2) == 1
+    assert collapsed(same) and collapsed(same * np.arange(1, 9)[:, None])  # scaled copies: one direction
+    rng = np.random.default_rng(0)
+    assert not collapsed(rng.normal(size=(8, 4)))

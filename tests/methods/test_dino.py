@@ -273,6 +273,7 @@ def test_single_process_run_and_backbone_pth_loads(reference_run):
     epochs = [r for r in rows(out) if "epoch_s" in r]
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert "val_loss" in epochs[-1] and epochs[-1]["rank_center_maxdiff"] == 0
+    assert epochs[-1]["knn_k"] == min(3, max(1, (epochs[-1]["knn_n"] - 1) // 2))  # DINO.KNN_K 3, capped
     state = torch.load(out / "checkpoint_last.pth", weights_only=True)
     sd = state["model"]
     assert "center" in sd and any(k.startswith("teacher.backbone.") for k in sd)

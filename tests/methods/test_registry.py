@@ -85,6 +85,22 @@ def test_dino_evaluator_follows_knn_every(tmp_path):
     assert METHODS["mae"].evaluator(tiny_cfg("mae")) is None
 
 
+def test_knn_monitor_gives_no_score_on_collapsed_features(tmp_path, monkeypatch, caplog):
+    from data.phantom import write_dataset
+    write_dataset(tmp_path, n=12, size=16, seed=0)
+    knn = METHODS["dino"].evaluator(tiny_cfg("dino", "DINO.KNN_EVERY", "1", "DINO.KNN_K", "20", "DATA.VAL_CSV",
+                                             str(tmp_path / "val.csv")))
+    labels = np.array([0.0, 1.0] * 3)
+    monkeypatch.setattr(knn, "rank_agreement", lambda method: {})
+    monkeypatch.setattr(knn, "features", lambda method: (np.ones((6, 4)), labels))
+    out = knn(None, 0)
+    assert out["knn_k"] == 2 and "score" not in out and "knn_auroc" not in out
+    assert "using k = 2" in caplog.text and "collapsed" in caplog.text
+    monkeypatch.setattr(knn, "features", lambda method: (np.random.default_rng(0).normal(size=(6, 4)), labels))
+    out = knn(None, 0)
+    assert out["score"] == out["knn_auroc"]
+
+
 @pytest.mark.parametrize("name", sorted(ENTRIES))
 def test_entry_scripts_hand_the_registry_entry_to_the_engine(monkeypatch, name):
     seen = {}
