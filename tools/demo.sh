@@ -17,7 +17,9 @@ PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY="$(command -v python3)"
 N="${DEMO_N:-96}"
 MAE_OPTS=()
-[ -n "${DEMO_MAE_EPOCHS:-}" ] && MAE_OPTS=(TRAIN.EPOCHS "$DEMO_MAE_EPOCHS")
+# one warm-up epoch, none for a one-epoch run (a warm-up as long as the run never leaves lr 0: refused)
+warmup() { if [ "$1" -gt 1 ]; then echo 1; else echo 0; fi; }
+[ -n "${DEMO_MAE_EPOCHS:-}" ] && MAE_OPTS=(TRAIN.EPOCHS "$DEMO_MAE_EPOCHS" TRAIN.WARMUP_EPOCHS "$(warmup "$DEMO_MAE_EPOCHS")")
 FT_EPOCHS="${DEMO_FT_EPOCHS:-4}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 P="$OUT/phantom"
@@ -40,7 +42,7 @@ stamp "3/4 linear probes on cached features: pretrained -> $OUT/linear, random i
 stamp "4/4 fine-tuning the pretrained backbone ($FT_EPOCHS epochs) -> $OUT/finetune"
 "$PY" main_downstream.py --cfg configs/demo/downstream.yaml --opts OUTPUT "$OUT/finetune" "${DATA[@]}" \
     MODEL.PRETRAINED "$OUT/mae/backbone.pth" DOWNSTREAM.MODE finetune DOWNSTREAM.FEATURE_CACHE False \
-    TRAIN.EPOCHS "$FT_EPOCHS"
+    TRAIN.EPOCHS "$FT_EPOCHS" TRAIN.WARMUP_EPOCHS "$(warmup "$FT_EPOCHS")"
 
 elapsed=$(( $(date +%s) - start ))
 "$PY" - "$OUT" "$elapsed" <<'EOF'
