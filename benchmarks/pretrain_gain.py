@@ -12,7 +12,8 @@ recipe) the study runs, each step a real run of an entry script or tool into a f
 ``OUT/<arch>/`` (a second call reuses every finished folder, so the study can run in sittings):
 
 1. ``tools/preprocess.py`` once for all (``--cache-dir``, default ``OUT/cache``);
-2. ``main_pretrain_<method>.py --cfg configs/study/<method>.yaml`` -> ``pretrain_<method>/``, with the
+2. ``main_pretrain_<method>.py --cfg configs/study/<method>.yaml`` -> ``pretrain_<backbone>/`` for every
+   pretrained backbone of the architecture (a method, or a named recipe variant of one), with the
    collapse monitor's ``feature_rank`` in its ``metrics.jsonl``; ``--random-inits`` untrained backbones
    (torch seeds 0, 1, ...) -> ``random_init/seed_<s>/backbone.pth``;
 3. ``tools/extract_features.py`` once per backbone over train + val + test (``features_<backbone>/``):
@@ -88,6 +89,11 @@ def as_opts(mapping: Optional[dict]) -> list[str]:
     return out
 
 
+def method_of(name: str, overrides: Optional[dict]) -> str:
+    """The method of a pretrained backbone of the archs file: its ``method`` key, else its name."""
+    return str((overrides or {}).get("method", name))
+
+
 def read_archs(path: Path, names: Sequence[str]) -> dict[str, dict]:
     """The architectures ``names`` of the archs file; raises naming the file and an unknown one."""
     with open(path) as f:
@@ -95,9 +101,12 @@ def read_archs(path: Path, names: Sequence[str]) -> dict[str, dict]:
     for n in names:
         if n not in archs:
             raise SystemExit(f"--archs {n}: not in {path} (it has {', '.join(archs)})")
-        unknown = set(archs[n].get("pretrain", {})) - set(METHODS)
-        if unknown:
-            raise SystemExit(f"{path}: {n}.pretrain names unknown methods {sorted(unknown)} (known: {METHODS})")
+        for b, over in archs[n].get("pretrain", {}).items():
+            if method_of(b, over) not in METHODS:
+                raise SystemExit(f"{path}: {n}.pretrain.{b} has no known method (method: one of {METHODS}, or a "
+                                 "method's name as its own name)")
+            if b == "random":
+                raise SystemExit(f"{path}: {n}.pretrain.random: 'random' names the random inits; rename it")
     return {n: archs[n] for n in names}
 
 
@@ -374,14 +383,19 @@ def run_arch(study: Study, arch: str, spec: dict, methods: Sequence[str]) -> dic
     logs = study.out / "logs" / arch
     res: dict[str, Any] = {"model": spec["model"], "pretrain": {}, "features": {}, "linear": {}, "finetune": {}}
     backbones: dict[str, str] = {}
-    for m in (m for m in spec.get("pretrain", {}) if m in methods):
-        folder = adir / f"pretrain_{m}"
-        study.step(f"pretrain {arch} {m}", pretrain_finished(folder),
+    for b, over in spec.get("pretrain", {}).items():
+        m = method_of(b, over)
+        if b not in methods and m not in methods:
+            continue
+        folder = adir / f"pretrain_{b}"
+        recipe = {k: v for k, v in (over or {}).items() if k != "method"}
+        study.step(f"pretrain {arch} {b}", pretrain_finished(folder),
                    study.entry(f"main_pretrain_{m}.py", f"{m}.yaml", folder, *model_opts,
-                               *as_opts(spec["pretrain"][m]), *(TINY_OPTS if study.tiny else [])),
-                   logs / f"pretrain_{m}.log")
-        backbones[m] = str(folder / "backbone.pth")
-        res["pretrain"][m] = {**pretrain_summary(folder), "seconds": study.times.get(f"pretrain {arch} {m}")}
+                               *as_opts(recipe), *(TINY_OPTS if study.tiny else [])),
+                   logs / f"pretrain_{b}.log")
+        backbones[b] = str(folder / "backbone.pth")
+        res["pretrain"][b] = {**pretrain_summary(folder), "method": m, "recipe": recipe,
+                              "seconds": study.times.get(f"pretrain {arch} {b}")}
     pretrained = list(backbones)
     randoms = [f"random_s{i}" for i in range(study.n_init)]
     for i, r in enumerate(randoms):
@@ -466,8 +480,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                     help="the architectures: MODEL keys, pretraining methods, fine-tuning recipe")
     ap.add_argument("--archs", nargs="+", default=["vit_tiny", "resnet18", "segresnet"],
                     help="architectures of --archs-file")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                    help="pretraining methods (each where --archs-file lists it for the architecture)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    help="pretrained backbones: methods (every backbone of --archs-file pretrained with one) or "
+                         "backbone names of --archs-file (a recipe variant such as dino_koleo)")
     ap.add_argument("--budgets", nargs="+", default=["16", "10%", "100%"],
                     help="labelled training scans: N per class or P%% of each class")
     ap.add_argument("--draws", type=int, default=3, help="class-stratified draws per budget (seeds 0..)")
@@ -480,6 +495,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     study = Study(args)
     archs = read_archs(Path(args.archs_file).resolve(), args.archs)
+    known = set(METHODS) | {b for spec in archs.values() for b in spec.get("pretrain", {})}
+    if set(args.methods) - known:
+        raise SystemExit(f"--methods {' '.join(sorted(set(args.methods) - known))}: neither a method nor a "
+                         f"backbone of --archs {' '.join(args.archs)} in {args.archs_file}")
     t_start = time.time()
     study.preprocess()
     # architectures of earlier calls on the same --out stay in the JSON (run them in separate sittings)

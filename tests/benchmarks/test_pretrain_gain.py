@@ -98,6 +98,21 @@ def test_bad_study_input_is_named(tmp_path):
         main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--budgets", "10%"])
     with pytest.raises(SystemExit, match="--archs vgg"):
         main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--archs", "vgg", "--budgets", "100%"])
+    with pytest.raises(SystemExit, match="--methods byol: neither a method nor a backbone of --archs vit_tiny"):
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--archs", "vit_tiny", "--methods", "byol",
+              "--budgets", "100%"])
+    bad = tmp_path / "archs.yaml"
+    bad.write_text("a:\n  model: {}\n  pretrain:\n    dino_x: {method: byol}\n")
+    with pytest.raises(SystemExit, match=r"a.pretrain.dino_x has no known method"):
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--archs-file", str(bad), "--archs", "a",
+              "--budgets", "100%"])
+
+
+def test_recipe_variants_of_the_archs_file_name_their_method():
+    from benchmarks.pretrain_gain import method_of, read_archs
+    archs = read_archs(Path(__file__).resolve().parents[2] / "benchmarks" / "pretrain_gain_archs.yaml", ["vit_tiny"])
+    variants = archs["vit_tiny"]["pretrain"]
+    assert method_of("dino_koleo", variants["dino_koleo"]) == "dino" and method_of("mae", variants["mae"]) == "mae"
 
 
 @pytest.mark.slow
