@@ -47,7 +47,8 @@ def holder_info() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "slurm_job_id": env.get("SLURM_JOB_ID", ""),
             "torchelastic_run_id": env.get("TORCHELASTIC_RUN_ID", ""),
-            "torchelastic_restart": int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)}
+            "torchelastic_restart": int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+            "token": os.urandom(8).hex()}  # tells this lock from a later one of the same process
 
 
 def _alive(pid: int, proc_start: Optional[int]) -> bool:
@@ -168,6 +169,5 @@ class RunLock:
         self.held = False
         atexit.unregister(self.release)
         holder = self._read(self.path)
-        if holder and holder.get("host") == self.me["host"] and holder.get("pid") == self.me["pid"] \
-                and holder.get("started") == self.me["started"]:
+        if holder and holder.get("token") == self.me["token"]:
             os.remove(self.path)

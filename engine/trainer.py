@@ -9,6 +9,10 @@ holds when it is not ``method.backbone``), ``lr_scales()``,
 Preemption: SIGTERM or SIGUSR1 makes every rank finish the current optimizer step, write
 ``checkpoint_last.pth`` and exit with :data:`REQUEUE_EXIT_CODE`; the same command started again
 (``TRAIN.RESUME auto``) continues from that exact step, with the same samples and RNG states.
+
+Faults: rank 0 holds ``OUTPUT/run.lock`` (:mod:`engine.lock`) from construction to the end of
+:meth:`Trainer.fit`; a damaged ``checkpoint_last.pth`` falls back to the newest checkpoint that
+loads, and a full disk stops every rank (:mod:`engine.checkpoint`).
 """
 from __future__ import annotations
 
@@ -211,8 +215,8 @@ class Trainer:
             except OSError as e:
                 error = e
         if self.world > 1:
-            shared = None if error is None else (isinstance(error, ckpt.DiskFullError), error.errno,
-                                                 error.strerror if isinstance(error, ckpt.DiskFullError) else str(error))
+            full = isinstance(error, ckpt.DiskFullError)
+            shared = None if error is None else (full, error.errno, error.strerror if full else str(error))
             shared = dist.all_gather_object(shared)[0]
             if shared is not None and error is None:
                 full, code, text = shared

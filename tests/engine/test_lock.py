@@ -101,3 +101,13 @@ def test_release_leaves_a_lock_that_another_run_took_over(tmp_path, live_pid):
     theirs = write_lock(tmp_path, pid=live_pid)
     first.release()
     assert json.loads((tmp_path / run_lock.NAME).read_text()) == theirs
+
+
+def test_a_second_lock_of_this_process_takes_over_and_outlives_the_first(tmp_path):
+    first, second = RunLock(str(tmp_path)), RunLock(str(tmp_path))
+    first.acquire()
+    assert "this process's own lock" in second.acquire()
+    first.release()
+    assert (tmp_path / run_lock.NAME).exists()
+    second.release()
+    assert not (tmp_path / run_lock.NAME).exists()

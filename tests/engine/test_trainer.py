@@ -59,7 +59,7 @@ def test_run_writes_contract_files_and_loss_falls(tmp_path):
         assert key in steps[0], key
     state = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
     assert state["epoch"] == 3 and state["iteration"] == 3 * 16
-    assert not list(tmp_path.glob(".*tmp*"))
+    assert not list(tmp_path.glob(".*tmp*")) and not (tmp_path / "run.lock").exists()  # the lock given back
     # a second start of a finished run does no work and changes nothing
     before = weights(tmp_path)
     r = run_toy(tmp_path)
