@@ -106,7 +106,7 @@ def test_two_processes_gloo_one_log_one_checkpoint(tmp_path):
     assert "on 2 process(es)" in log
     assert log.count("epoch 1 done") == 1  # rank 1 writes nothing
     assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pth")) == [
-        "checkpoint_epoch1.pth", "checkpoint_epoch2.pth", "checkpoint_last.pth"]
+        "checkpoint_epoch1.pth", "checkpoint_epoch2.pth", "checkpoint_last.pth", "checkpoint_prev.pth"]
     state = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert state["iteration"] == 2 * 8  # 64 samples / (2 ranks x 4)
