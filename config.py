@@ -21,7 +21,7 @@ from yacs.config import CfgNode as CN
 from models.names import BACKBONES, POOLS, POS_EMBEDS
 
 _C = CN()
-_C.OUTPUT = "outputs/run"  # run folder: config.yaml, logs, checkpoints; reused by TRAIN.RESUME auto
+_C.OUTPUT = "outputs/run"  # run folder: config.yaml, logs, checkpoints, run.lock; reused by TRAIN.RESUME auto
 _C.SEED = 0  # global seed; each rank and DataLoader worker derives its own from it
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ _C.TRAIN.CLIP_GRAD = 3.0  # max global grad norm (0 = no clipping)
 _C.TRAIN.ACCUM_STEPS = 1  # gradient accumulation steps per optimizer step
 _C.TRAIN.AMP = "none"  # 'bf16' | 'fp16' (with a GradScaler) | 'none'; production configs use bf16
 _C.TRAIN.COMPILE = False  # torch.compile the method's model
-_C.TRAIN.RESUME = "auto"  # 'auto' (OUTPUT/checkpoint_last.pth if present) | a checkpoint path | ''
+_C.TRAIN.RESUME = "auto"  # 'auto' (the newest full-state checkpoint of OUTPUT that loads) | a checkpoint path | ''
 _C.TRAIN.SAVE_EVERY = 10  # epochs between numbered checkpoint_epochN.pth (0 = never)
 _C.TRAIN.SAVE_MINUTES = 10.0  # also write checkpoint_last.pth this often within an epoch (0 = off): what a
 #   rank killed without warning (SIGKILL, a dead node) loses at most; docs/cluster.md#faults

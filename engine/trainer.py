@@ -9,6 +9,10 @@ holds when it is not ``method.backbone``), ``lr_scales()``,
 Preemption: SIGTERM or SIGUSR1 makes every rank finish the current optimizer step, write
 ``checkpoint_last.pth`` and exit with :data:`REQUEUE_EXIT_CODE`; the same command started again
 (``TRAIN.RESUME auto``) continues from that exact step, with the same samples and RNG states.
+
+Faults: rank 0 holds ``OUTPUT/run.lock`` (:mod:`engine.lock`) from construction to the end of
+:meth:`Trainer.fit`; a damaged ``checkpoint_last.pth`` falls back to the newest checkpoint that
+loads, and a full disk stops every rank (:mod:`engine.checkpoint`).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from config import save_config
 from engine import checkpoint as ckpt
 from engine import dist
 from engine.amp import autocast
+from engine.lock import RunLock, RunLockedError
 from engine.logging import RunLogger, Timer, format_eta, memory_mb
 from engine.monitor import CollapseMonitor, exported_backbone
 from engine.optim import build_optimizer, optimizer_step, param_groups, scaled_lr
@@ -120,9 +125,12 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         os.makedirs(cfg.OUTPUT, exist_ok=True)
+        self.run_lock, took_over = self._lock_output()
         if self.is_main:
             save_config(cfg, cfg.OUTPUT)
         self.log = RunLogger(cfg.OUTPUT, self.is_main)
+        if took_over:
+            self.log.warning(took_over)
         self.method = method.to(self.device)
         self.train_loader, self.val_loader, self.evaluator = train_loader, val_loader, evaluator
         self.monitor = monitor
@@ -160,6 +168,7 @@ class Trainer:
         self.skipped_steps = 0  # steps skipped in this epoch
         self._stop_signal: Optional[int] = None
         self._last_save = time.monotonic()
+        self._last_loadable = True  # checkpoint_last.pth may become checkpoint_prev.pth (not when refused)
         # every rank its own stream of randomness (masks, dropout) after the shared model init
         dist.seed_everything(cfg.SEED + 1000 * self.rank)
 
@@ -178,25 +187,102 @@ class Trainer:
             "nonfinite_streak": self.nonfinite_streak,
         }
 
-    def save(self, names: list[str]) -> None:
-        """Write the full state to each of ``names`` in OUTPUT (rank 0); every rank gives its RNG state."""
-        rngs = dist.all_gather_object(ckpt.rng_state())
+    def _lock_output(self) -> tuple[Optional[RunLock], Optional[str]]:
+        """Rank 0 takes OUTPUT/run.lock (:mod:`engine.lock`); every rank learns the outcome and raises
+        :class:`RunLockedError` when another run holds the folder. Returns (the lock on rank 0,
+        a take-over message or None)."""
+        lock, outcome = None, (None, None)  # (refusal, take-over message)
         if self.is_main:
+            lock = RunLock(self.cfg.OUTPUT)
+            try:
+                outcome = (None, lock.acquire())
+            except RunLockedError as e:
+                outcome = (str(e), None)
+        refusal, took_over = dist.all_gather_object(outcome)[0]
+        if refusal is not None:
+            raise RunLockedError(refusal)
+        return lock, took_over
+
+    def release_lock(self) -> None:
+        """Give OUTPUT/run.lock back (rank 0; also done at interpreter exit)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+    def _write_on_main(self, write: Callable[[], None]) -> None:
+        """Run ``write`` on rank 0; when it fails with an OSError (a full disk: ckpt.DiskFullError),
+        every rank raises, so none waits at a later collective for a rank 0 that stopped."""
+        error: Optional[OSError] = None
+        if self.is_main:
+            try:
+                write()
+            except OSError as e:
+                error = e
+        if self.world > 1:
+            full = isinstance(error, ckpt.DiskFullError)
+            shared = None if error is None else (full, error.errno, error.strerror if full else str(error))
+            shared = dist.all_gather_object(shared)[0]
+            if shared is not None and error is None:
+                full, code, text = shared
+                error = (ckpt.DiskFullError if full else OSError)(code, f"rank 0 stopped the run: {text}")
+        if error is not None:
+            raise error
+
+    def save(self, names: list[str]) -> None:
+        """Write the full state to each of ``names`` in OUTPUT (rank 0); every rank gives its RNG state.
+
+        Writing checkpoint_last.pth moves the previous one to checkpoint_prev.pth. A full disk stops
+        the run on every rank with ckpt.DiskFullError (the previous files stay loadable).
+        """
+        rngs = dist.all_gather_object(ckpt.rng_state())
+
+        def write() -> None:
             state = self.state_dict()
             state["rng"] = rngs
             for name in names:
-                ckpt.atomic_save(state, os.path.join(self.cfg.OUTPUT, name))
+                keep = os.path.join(self.cfg.OUTPUT, ckpt.PREV) if name == ckpt.LAST and self._last_loadable else None
+                ckpt.atomic_save(state, os.path.join(self.cfg.OUTPUT, name), previous=keep)
+                if name == ckpt.LAST:
+                    self._last_loadable = True
+
+        self._write_on_main(write)
         self._last_save = time.monotonic()
 
     def save_backbone(self) -> None:
+        self._write_on_main(lambda: ckpt.atomic_save(exported_backbone(self.method).state_dict(),
+                                                     os.path.join(self.cfg.OUTPUT, "backbone.pth")))
+
+    def _find_resumable(self) -> Optional[ckpt.Resumable]:
+        """Rank 0 picks the checkpoint (ckpt.resume_state); the others load the same file."""
+        found, error = None, None
         if self.is_main:
-            ckpt.atomic_save(exported_backbone(self.method).state_dict(), os.path.join(self.cfg.OUTPUT, "backbone.pth"))
+            try:
+                found = ckpt.resume_state(self.cfg.TRAIN.RESUME, self.cfg.OUTPUT)
+            except Exception as e:  # shared below, so that no rank waits for rank 0
+                error = e
+        path, text = dist.all_gather_object((found.path if found else None,
+                                             f"{type(error).__name__}: {error}" if error else None))[0]
+        if error is not None:
+            raise error
+        if text is not None:
+            raise ckpt.CheckpointError(f"rank 0 could not resume: {text}")
+        if path is None or self.is_main:
+            return found
+        return ckpt.Resumable(path, ckpt.load_full_state(path))
 
     def resume(self) -> bool:
-        path = ckpt.resume_path(self.cfg.TRAIN.RESUME, self.cfg.OUTPUT)
-        if path is None:
+        """Load the state TRAIN.RESUME names ('auto': the newest full-state checkpoint of OUTPUT that
+        loads, with a warning for each refused file); False when there is none."""
+        found = self._find_resumable()
+        if found is None:
+            best = os.path.join(self.cfg.OUTPUT, "checkpoint_best.pth")
+            if self.is_main and self.cfg.TRAIN.RESUME == "auto" and os.path.isfile(best):
+                self.log.warning(f"{best} holds only a model, no training state: starting from scratch")
             return False
-        state = ckpt.load(path)
+        for path, reason in found.refused:
+            self.log.warning(f"refusing checkpoint {path}: {reason}")
+            if os.path.basename(path) == ckpt.LAST:
+                self._last_loadable = False
+        path, state = found.path, found.state
         ckpt.load_state_strict(self.method, state["model"], f"resume from {path}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -213,7 +299,8 @@ class Trainer:
         else:
             self.log.warning(f"resuming with {self.world} ranks from a checkpoint of {len(rngs)}: "
                              "RNG streams restart, so the run will not match an uninterrupted one")
-        self.log.info(f"resumed from {path} at epoch {self.epoch} step {self.step_in_epoch} "
+        newest = f" (the newest that loads; {len(found.refused)} refused)" if found.refused else ""
+        self.log.info(f"resumed from {path}{newest} at epoch {self.epoch} step {self.step_in_epoch} "
                       f"(iteration {self.iteration})")
         return True
 
@@ -422,7 +509,14 @@ class Trainer:
         return {f"val_{k}": (t[i] / max(1.0, t[-1])).item() for i, k in enumerate(keys)}
 
     def fit(self) -> dict:
-        """Train from scratch or from the checkpoint TRAIN.RESUME names; returns the last epoch's row."""
+        """Train from scratch or from the checkpoint TRAIN.RESUME names; returns the last epoch's row.
+        OUTPUT/run.lock is given back however it ends."""
+        try:
+            return self._fit()
+        finally:
+            self.release_lock()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         self.resume()
         if self.epoch >= cfg.TRAIN.EPOCHS:

@@ -59,7 +59,7 @@ def test_run_writes_contract_files_and_loss_falls(tmp_path):
         assert key in steps[0], key
     state = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
     assert state["epoch"] == 3 and state["iteration"] == 3 * 16
-    assert not list(tmp_path.glob(".*tmp*"))
+    assert not list(tmp_path.glob(".*tmp*")) and not (tmp_path / "run.lock").exists()  # the lock given back
     # a second start of a finished run does no work and changes nothing
     before = weights(tmp_path)
     r = run_toy(tmp_path)
@@ -106,7 +106,7 @@ def test_two_processes_gloo_one_log_one_checkpoint(tmp_path):
     assert "on 2 process(es)" in log
     assert log.count("epoch 1 done") == 1  # rank 1 writes nothing
     assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pth")) == [
-        "checkpoint_epoch1.pth", "checkpoint_epoch2.pth", "checkpoint_last.pth"]
+        "checkpoint_epoch1.pth", "checkpoint_epoch2.pth", "checkpoint_last.pth", "checkpoint_prev.pth"]
     state = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert state["iteration"] == 2 * 8  # 64 samples / (2 ranks x 4)

@@ -3,9 +3,14 @@
     python tests/engine/toy_train.py --opts OUTPUT DIR TRAIN.EPOCHS 3 ...
 Environment: TOY_SLEEP (seconds per sample, to leave time for signals), TOY_NAN_AT (iteration, or
 inclusive range ``A-B`` of iterations, at which the loss becomes NaN), TOY_NAN_RANK (only on this rank),
-TOY_RANK_WEIGHTS (each rank saves its final model to ``OUTPUT/rank<r>.pth``).
+TOY_RANK_WEIGHTS (each rank saves its final model to ``OUTPUT/rank<r>.pth``), TOY_KILL_AT (iteration at which rank 0 SIGKILLs itself, in the
+first torchrun attempt only), TOY_PAD (floats of an extra buffer that makes checkpoints bigger),
+TOY_FILL_AT + TOY_FILL_LEAVE (at the first step of that epoch rank 0 fills OUTPUT's filesystem
+with OUTPUT/fill.bin until TOY_FILL_LEAVE bytes are free).
 """
 import os
+import shutil
+import signal
 import sys
 import time
 
@@ -50,14 +55,27 @@ class ToyMethod(nn.Module):
         self.backbone = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32))
         self.head = nn.Linear(32, 1)
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+        if int(os.environ.get("TOY_PAD", "0")):
+            self.register_buffer("pad", torch.zeros(int(os.environ["TOY_PAD"])))
         first, _, last = os.environ.get("TOY_NAN_AT", "").partition("-")
         self.nan_at = range(int(first), int(last or first) + 1) if first else range(0)
         if os.environ.get("TOY_NAN_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
             self.nan_at = range(0)
+        self.kill_at = int(os.environ.get("TOY_KILL_AT", "-1"))
+        self.fill_at = int(os.environ.get("TOY_FILL_AT", "-1"))
+        self.fill_dir = ""  # set to OUTPUT by main()
         self.it = 0
 
     def on_step_start(self, it, epoch, total_iters):
         self.it = it
+        rank0 = dist.get_rank() == 0
+        if it == self.kill_at and rank0 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if epoch == self.fill_at and rank0 and self.fill_dir:
+            self.fill_at = -1
+            leave = int(os.environ.get("TOY_FILL_LEAVE", "0"))
+            with open(os.path.join(self.fill_dir, "fill.bin"), "wb") as f:
+                f.write(b"\0" * max(0, shutil.disk_usage(self.fill_dir).free - leave))
 
     def on_step_end(self, it):
         self.steps_seen += 1
@@ -80,6 +98,7 @@ def main(argv=None):
     loader = dist.make_loader(data, cfg, train=True, collate_fn=collate)
     val = dist.make_loader(ToyData(10, cfg.SEED), cfg, train=False, collate_fn=collate)
     method = ToyMethod()
+    method.fill_dir = cfg.OUTPUT
     try:
         Trainer(cfg, method, loader, val).fit()
         if os.environ.get("TOY_RANK_WEIGHTS"):
