@@ -2,9 +2,12 @@
 
     python tests/engine/toy_train.py --opts OUTPUT DIR TRAIN.EPOCHS 3 ...
 Environment: TOY_SLEEP (seconds per sample, to leave time for signals), TOY_NAN_AT (iteration
-at which the loss becomes NaN).
+at which the loss becomes NaN), TOY_N (training samples); loader faults at a sample index:
+TOY_FAIL_AT (reading it raises, naming the scan), TOY_KILL_AT (the DataLoader worker reading it
+SIGKILLs itself), TOY_HANG_AT (reading it never returns).
 """
 import os
+import signal
 import sys
 import time
 
@@ -27,8 +30,18 @@ class ToyData(torch.utils.data.Dataset):
     def __len__(self):
         return self.n
 
+    def describe(self, index):
+        return f"toy{index}"
+
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
+        if index == int(os.environ.get("TOY_FAIL_AT", "-1")):
+            raise RuntimeError(f"cannot read toy{index}")
+        if index == int(os.environ.get("TOY_KILL_AT", "-1")) and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if index == int(os.environ.get("TOY_HANG_AT", "-1")):
+            while True:
+                time.sleep(60)
         rng = np.random.default_rng([self.seed, epoch, index])
         x = np.random.default_rng(index).normal(size=16).astype(np.float32)
         x = x + 0.1 * rng.normal(size=16).astype(np.float32)  # "augmentation"
