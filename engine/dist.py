@@ -8,8 +8,8 @@ Loader faults end the run in seconds (docs/cluster.md, "Faults"): an exception i
 re-raised with a note naming the scans of its batch, a worker that dies or a batch that does not
 arrive within ``DATA.TIMEOUT`` seconds raises :class:`LoaderError` naming the worker or the scans,
 and the process never waits at exit for workers that ignore SIGTERM (:func:`_kill_workers_at_exit`).
-With several ranks, the others then fail in their next collective (the dead peer closes its
-connections) and torchrun stops the group.
+With several ranks, the others then fail in their next collective (under Gloo at once: the dead
+peer's connections close), or torchrun stops them.
 """
 from __future__ import annotations
 
