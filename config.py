@@ -43,6 +43,10 @@ _C.DATA.BATCH_SIZE = 8  # per process; global batch = BATCH_SIZE * world size * 
 _C.DATA.NUM_WORKERS = 4  # DataLoader worker processes per rank
 _C.DATA.PIN_MEMORY = True  # page-locked host batches (only used with CUDA)
 _C.DATA.PREFETCH_FACTOR = 4  # batches prefetched per worker
+# whole seconds a batch may take to arrive from the DataLoader workers before the run stops naming the batch's
+# scans (a scan that hangs its reader, e.g. on a stalled network filesystem); 0 = wait forever. Generous:
+# a batch of slow network reads takes seconds to a minute, and Slurm would otherwise keep a hung job to its limit
+_C.DATA.TIMEOUT = 600
 _C.DATA.CACHE_DIR = ""  # preprocessed cache (tools/preprocess.py); '' = read the source files
 _C.DATA.ON_ERROR = "raise"  # bad input: 'raise' (stop naming file and reason) | 'skip' (list in skipped.csv)
 _C.DATA.MAX_BAD_FRACTION = 0.05  # under 'skip', more bad inputs than this fraction stop the run
@@ -181,7 +185,7 @@ CHOICES = {
     "DOWNSTREAM.FEW_SHOT_BASE": ("linear", "finetune"),
 }
 NON_NEGATIVE = ("MODEL.FEATURE_SIZE", "TRAIN.EPOCHS", "TRAIN.WARMUP_EPOCHS", "TRAIN.SAVE_EVERY", "TRAIN.SAVE_MINUTES",
-                "TRAIN.CLIP_GRAD", "DATA.NUM_WORKERS", "DOWNSTREAM.SAMPLES_PER_EPOCH", "TRAIN.BASE_LR",
+                "TRAIN.CLIP_GRAD", "DATA.NUM_WORKERS", "DATA.TIMEOUT", "DOWNSTREAM.SAMPLES_PER_EPOCH", "TRAIN.BASE_LR",
                 "TRAIN.MIN_LR", "TRAIN.WEIGHT_DECAY", "MAE.VIS_EVERY", "DINO.KNN_EVERY",
                 "DINO.FREEZE_LAST_LAYER_EPOCHS", "SIMCLR.ROTATION_WEIGHT", "SIMCLR.INPAINT_WEIGHT",
                 "DINO.KOLEO_WEIGHT", "DINO.IBOT_WEIGHT", "MONITOR.NUM_SCANS")

@@ -106,10 +106,16 @@ def first_batch_s(loader) -> float:
     it = iter(loader)
     next(it)
     dt = time.perf_counter() - t
-    if hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()
-    loader._iterator = None
+    stop_workers(loader)
     return dt
+
+
+def stop_workers(loader) -> None:
+    """Shut down the persistent workers of ``loader`` now (torch's iterator behind it)."""
+    workers_it = getattr(loader, "_iterator", None)
+    if workers_it is not None and hasattr(workers_it, "_shutdown_workers"):
+        workers_it._shutdown_workers()
+    loader._iterator = None
 
 
 def worker_memory(loader, batches: int) -> dict[str, Any]:
@@ -130,9 +136,7 @@ def worker_memory(loader, batches: int) -> dict[str, Any]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     pm = me.memory_full_info()
-    if hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()
-    loader._iterator = None
+    stop_workers(loader)
     uss = [w["uss_mb"] for w in workers]
     return {"first_batch_with_touch_s": first, "workers": workers, "n_workers": len(workers),
             "uss_mb_mean": float(np.mean(uss)) if uss else None, "uss_mb_max": float(np.max(uss)) if uss else None,

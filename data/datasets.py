@@ -60,6 +60,10 @@ class VolumeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.manifest)
 
+    def describe(self, index: int) -> str:
+        """Row ``index`` as loader errors name it: ``id (path)``."""
+        return f"{self.manifest.ids[index]} ({self.manifest.paths[index]})"
+
     # ------------------------------------------------------------------ reading
     def load(self, index: int) -> tuple[np.ndarray, dict]:
         """HU array ``[X, Y, Z]`` (int16 memmap from the cache, float32 from a source) and its meta.

@@ -63,6 +63,9 @@ class _Rows(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def describe(self, pos: int) -> str:
+        return self.dataset.describe(int(self.rows[int(pos)]))
+
     def __getitem__(self, key):
         pos, epoch = key if isinstance(key, (tuple, list)) else (key, 0)
         sample = self.dataset[(int(self.rows[int(pos)]), int(epoch))]

@@ -75,6 +75,7 @@ def test_sample_keys_labels_and_collate(tmp_path):
     assert set(s) == {"image", "index", "id", "skipped", "label"}
     assert s["image"].shape == (3, 16, 16, 16) and s["image"].dtype == torch.float32
     assert s["index"] == 2 and s["id"] == "scan2" and s["skipped"] == []
+    assert ds.describe(2) == f"scan2 ({tmp_path / 'ct2.nii.gz'})"  # how loader errors name the row
     assert s["label"].dtype == torch.float32 and s["label"].tolist() == [0.0]
     assert torch.isnan(ds[1]["label"]).all()
     batch = collate([ds[0], ds[1], ds[3]])

@@ -6,7 +6,9 @@ inclusive range ``A-B`` of iterations, at which the loss becomes NaN), TOY_NAN_R
 TOY_RANK_WEIGHTS (each rank saves its final model to ``OUTPUT/rank<r>.pth``), TOY_KILL_AT (iteration at which rank 0 SIGKILLs itself, in the
 first torchrun attempt only), TOY_PAD (floats of an extra buffer that makes checkpoints bigger),
 TOY_FILL_AT + TOY_FILL_LEAVE (at the first step of that epoch rank 0 fills OUTPUT's filesystem
-with OUTPUT/fill.bin until TOY_FILL_LEAVE bytes are free).
+with OUTPUT/fill.bin until TOY_FILL_LEAVE bytes are free), TOY_N (training samples); loader faults at a
+sample index: TOY_FAIL_AT (reading it raises, naming the scan), TOY_KILL_WORKER_AT (the DataLoader worker
+reading it SIGKILLs itself), TOY_HANG_AT (reading it never returns).
 """
 import os
 import shutil
@@ -33,8 +35,18 @@ class ToyData(torch.utils.data.Dataset):
     def __len__(self):
         return self.n
 
+    def describe(self, index):
+        return f"toy{index}"
+
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
+        if index == int(os.environ.get("TOY_FAIL_AT", "-1")):
+            raise RuntimeError(f"cannot read toy{index}")
+        if index == int(os.environ.get("TOY_KILL_WORKER_AT", "-1")) and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if index == int(os.environ.get("TOY_HANG_AT", "-1")):
+            while True:
+                time.sleep(60)
         rng = np.random.default_rng([self.seed, epoch, index])
         x = np.random.default_rng(index).normal(size=16).astype(np.float32)
         x = x + 0.1 * rng.normal(size=16).astype(np.float32)  # "augmentation"
