@@ -122,11 +122,11 @@ def test_sigkill_of_one_rank_torchrun_restarts_and_resumes_from_the_step_checkpo
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                 "--max-restarts", str(restarts)]
     ref = tmp_path / "ref"
-    r = run_toy(ref, *opts, launcher=torchrun(29535, 0), env={"TOY_RANK_WEIGHTS": "1"})
+    r = run_toy(ref, *opts, launcher=torchrun(29561, 0), env={"TOY_RANK_WEIGHTS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
 
     cut = tmp_path / "cut"
-    p = run_toy(cut, *opts, launcher=torchrun(29537, 1), env={"TOY_SLEEP": "0.03", "TOY_RANK_WEIGHTS": "1"},
+    p = run_toy(cut, *opts, launcher=torchrun(29563, 1), env={"TOY_SLEEP": "0.03", "TOY_RANK_WEIGHTS": "1"},
                 wait=False)
     deadline = time.time() + 120
     while time.time() < deadline:  # mid-epoch 1, after a few step checkpoints
@@ -181,7 +181,7 @@ def test_non_finite_loss_skipping_stops_after_max_in_a_row(tmp_path):
 
 
 def test_non_finite_loss_on_one_rank_every_rank_skips_the_same_step(tmp_path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29565"]
     r = run_toy(tmp_path, "TRAIN.EPOCHS", "2", "TRAIN.ON_NONFINITE", "skip", launcher=launcher,
                 env={"TOY_NAN_AT": "10", "TOY_NAN_RANK": "1", "TOY_RANK_WEIGHTS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr

@@ -114,7 +114,7 @@ def test_second_run_is_refused_while_the_first_holds_the_folder(tmp_path):
         wait_for(lambda: (tmp_path / run_lock.NAME).exists() and (tmp_path / "metrics.jsonl").exists(), "the lock")
         config = (tmp_path / "config.yaml").read_text()
         t0 = time.time()
-        second = run_toy(tmp_path, "TRAIN.EPOCHS", "1")
+        second = run_toy(tmp_path, "TRAIN.EPOCHS", "2")
         assert second.returncode != 0 and first.poll() is None, second.stdout + second.stderr
         assert "RunLockedError" in second.stderr and f"{tmp_path} is in use by another run" in second.stderr
         assert f"host {socket.gethostname()}, pid {first.pid}, started " in second.stderr
@@ -150,7 +150,7 @@ def test_requeued_slurm_job_takes_over_its_lock(tmp_path):
     holder = {"host": "node-17", "pid": os.getpid(), "started": "2026-01-02 03:04:05 +0000",
               "slurm_job_id": "4242", "torchelastic_run_id": "", "torchelastic_restart": 0}
     (tmp_path / run_lock.NAME).write_text(json.dumps(holder))
-    r = run_toy(tmp_path, "TRAIN.EPOCHS", "1", env={"SLURM_JOB_ID": "4242"})
+    r = run_toy(tmp_path, "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", env={"SLURM_JOB_ID": "4242"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "took over the lock" in r.stdout and "host node-17" in r.stdout and "this Slurm job (4242)" in r.stdout
     assert not (tmp_path / run_lock.NAME).exists()
