@@ -15,6 +15,9 @@
 #   HEADCT_RDZV_PORT       c10d rendezvous port on the first node of a multi-node job
 #                          (default: 20000 + job id modulo 10000)
 #   HEADCT_MAX_REQUEUES    stop requeueing after this many restarts (default: 100)
+#   HEADCT_MAX_RESTARTS    torchrun --max_restarts: times a group whose rank died (SIGKILL, out of
+#                          memory) is started again inside the job, resuming from checkpoint_last.pth
+#                          (default: 0, the job fails)
 #   HEADCT_SHUTDOWN_TIMEOUT seconds torchrun waits for workers to exit before SIGKILL (default: 300)
 #   HEADCT_DRY_RUN=1       print the launch command and exit without running it
 #   HEADCT_SWEEP_KEY, HEADCT_SWEEP_VALUES, HEADCT_SWEEP_INDEX   (job arrays) see headct_sweep below
@@ -151,7 +154,7 @@ headct_main() {
     # torchrun: one launcher per node. Single node: a private rendezvous on a free port
     # (--standalone). Several nodes: c10d rendezvous hosted by the first node of the allocation.
     local -a run=("$HEADCT_PYTHON" -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$nproc"
-                  --max_restarts 0)
+                  --max_restarts "${HEADCT_MAX_RESTARTS:-0}")
     if [ "$nnodes" -gt 1 ]; then
         local host port
         host=$(headct_first_host) || headct_die "scontrol show hostnames $SLURM_JOB_NODELIST failed"
