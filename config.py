@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
-from models.names import BACKBONES, POOLS, POS_EMBEDS
+from models.names import BACKBONES, NORMS, POOLS, POS_EMBEDS
 
 _C = CN()
 _C.OUTPUT = "outputs/run"  # run folder: config.yaml, logs, checkpoints; reused by TRAIN.RESUME auto
@@ -49,7 +49,8 @@ _C.DATA.MAX_BAD_FRACTION = 0.05  # under 'skip', more bad inputs than this fract
 
 # ---------------------------------------------------------------------------------------------
 _C.MODEL = CN()
-# vit_tiny | vit_small | vit_base | vit_large | swin | segresnet | resnet18 | resnet50
+# vit_tiny | vit_small | vit_base | vit_large | swin | segresnet | resnet18 | resnet50; variants:
+# vit_base_headct (HeadCT-Foundation's ViT-B: block LayerNorm eps 1e-5, for its imported weights)
 _C.MODEL.NAME = "vit_base"
 _C.MODEL.PATCH_SIZE = [16, 16, 16]  # ViT patch size per axis (8 or 16 typical at 96^3)
 _C.MODEL.PRETRAINED = ""  # checkpoint to initialise the backbone from ('' = random init)
@@ -61,6 +62,9 @@ _C.MODEL.DROP_PATH = 0.0  # stochastic depth rate (0.1 for fine-tuning ViT-B)
 # width of the MONAI encoders: swin embed dim (multiple of 12), segresnet init filters, resnet
 # first-stage channels; 0 = the standard width (swin 48 as SwinUNETR, segresnet 32 as CT-FM, resnet 64)
 _C.MODEL.FEATURE_SIZE = 0
+# normalisation of the segresnet encoder: 'batch' (MONAI's default) | 'instance' (no affine) |
+# 'instance_affine'; set by tools/import_checkpoint.py from a CT-FM config.json
+_C.MODEL.NORM = "batch"
 
 # ---------------------------------------------------------------------------------------------
 _C.TRAIN = CN()
@@ -171,6 +175,7 @@ CHOICES = {
     "MODEL.NAME": BACKBONES,
     "MODEL.POOL": POOLS,
     "MODEL.POS_EMBED": POS_EMBEDS,
+    "MODEL.NORM": NORMS,
     "TRAIN.OPTIMIZER": ("adamw", "sgd"),
     "TRAIN.AMP": ("bf16", "fp16", "none"),
     "TRAIN.ON_NONFINITE": ("stop", "skip"),

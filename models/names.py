@@ -9,6 +9,13 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "vit_base": (768, 12, 12),
     "vit_large": (1024, 24, 16),
 }
-BACKBONES = tuple(VIT_SIZES) + ("swin", "segresnet", "resnet18", "resnet50")  # MODEL.NAME
+# named ViT variants: name -> (size in VIT_SIZES, VisionTransformer3D arguments that differ from the default)
+VIT_VARIANTS: dict[str, tuple[str, dict[str, float]]] = {
+    # HeadCT-Foundation's ViT-B (MONAI-style blocks): LayerNorm eps 1e-5 inside the blocks, 1e-6 final
+    "vit_base_headct": ("vit_base", {"block_norm_eps": 1e-5}),
+}
+VIT_NAMES = tuple(VIT_SIZES) + tuple(VIT_VARIANTS)
+BACKBONES = VIT_NAMES + ("swin", "segresnet", "resnet18", "resnet50")  # MODEL.NAME
 POOLS = ("cls", "mean", "cls+mean")  # MODEL.POOL
 POS_EMBEDS = ("sincos", "learned")  # MODEL.POS_EMBED
+NORMS = ("batch", "instance", "instance_affine")  # MODEL.NORM (segresnet)

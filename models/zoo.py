@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from models.names import BACKBONES, VIT_SIZES
+from models.names import BACKBONES, VIT_NAMES
 from models.pos_embed import resize_pos_embed, tokens_to_grid
 from models.vit3d import VisionTransformer3D, create_vit
 
@@ -48,7 +48,7 @@ def build_backbone(cfg: Any) -> nn.Module:
     ``MODEL.NUM_REGISTERS``, ``MODEL.POS_EMBED``, ``MODEL.POOL``, ``MODEL.DROP_PATH``, and a mask
     token when ``DINO.IBOT_WEIGHT > 0``. MONAI encoders: width ``MODEL.FEATURE_SIZE`` or, when 0,
     :data:`STANDARD_WIDTH` (swin embed dim, segresnet init filters, resnet first-stage channels);
-    ``MODEL.POOL`` does not apply (mean pool).
+    segresnet normalisation ``MODEL.NORM``; ``MODEL.POOL`` does not apply (mean pool).
 
     Args:
         cfg: the config tree.
@@ -56,7 +56,7 @@ def build_backbone(cfg: Any) -> nn.Module:
     name = cfg.MODEL.NAME
     in_chans = len(cfg.DATA.WINDOWS)
     width = int(cfg.MODEL.FEATURE_SIZE) or STANDARD_WIDTH.get(name, 0)
-    if name in VIT_SIZES:
+    if name in VIT_NAMES:
         return create_vit(name, img_size=list(cfg.DATA.ROI), patch_size=list(cfg.MODEL.PATCH_SIZE),
                           in_chans=in_chans, num_registers=int(cfg.MODEL.NUM_REGISTERS),
                           pos_embed=cfg.MODEL.POS_EMBED, pool=cfg.MODEL.POOL,
@@ -69,7 +69,7 @@ def build_backbone(cfg: Any) -> nn.Module:
     if name == "swin":
         return mb.SwinEncoder(in_chans, feature_size=width, drop_path_rate=float(cfg.MODEL.DROP_PATH))
     if name == "segresnet":
-        return mb.SegResEncoderBackbone(in_chans, init_filters=width)
+        return mb.SegResEncoderBackbone(in_chans, init_filters=width, norm=cfg.MODEL.NORM)
     return mb.ResNet3D(int(name[len("resnet"):]), in_chans, width=width)
 
 
