@@ -62,8 +62,8 @@ _C.MODEL.DROP_PATH = 0.0  # stochastic depth rate (0.1 for fine-tuning ViT-B)
 # width of the MONAI encoders: swin embed dim (multiple of 12), segresnet init filters, resnet
 # first-stage channels; 0 = the standard width (swin 48 as SwinUNETR, segresnet 32 as CT-FM, resnet 64)
 _C.MODEL.FEATURE_SIZE = 0
-# normalisation of the segresnet encoder: 'batch' (MONAI's default) | 'instance' (no affine) |
-# 'instance_affine'; set by tools/import_checkpoint.py from a CT-FM config.json
+# normalisation of the segresnet encoder, with affine parameters as MONAI's SegResEncoder builds it:
+# 'batch' (MONAI's default) | 'instance'; tools/import_checkpoint.py sets it from a CT-FM config.json
 _C.MODEL.NORM = "batch"
 
 # ---------------------------------------------------------------------------------------------

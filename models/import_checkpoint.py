@@ -211,7 +211,8 @@ def _ctfm_files(path: str) -> tuple[dict[str, torch.Tensor], dict, str, list[str
 
 
 def _ctfm_norm(value: Any, where: str) -> str:
-    """config.json's MONAI ``norm`` (name or [name, args]) -> a ``MODEL.NORM`` value."""
+    """config.json's MONAI ``norm`` (name or [name, args]) -> a ``MODEL.NORM`` value (SegResEncoder makes
+    norms affine unless the args say ``affine: false``)."""
     name, args = (value, {}) if isinstance(value, str) else (value[0], value[1] if len(value) > 1 else {}) \
         if isinstance(value, (list, tuple)) and value else (None, None)
     if not isinstance(name, str) or not isinstance(args, dict):
@@ -219,10 +220,10 @@ def _ctfm_norm(value: Any, where: str) -> str:
     name = name.lower()
     if name == "batch" and args.get("affine", True) and args.get("track_running_stats", True):
         return "batch"
-    if name == "instance" and not args.get("track_running_stats", False):
-        return "instance_affine" if args.get("affine", False) else "instance"
-    raise CheckpointImportError(f"{where}: norm = {value!r}; the zoo's segresnet supports batch (affine) and "
-                                "instance (with or without affine, no running statistics)")
+    if name == "instance" and args.get("affine", True) and not args.get("track_running_stats", False):
+        return "instance"
+    raise CheckpointImportError(f"{where}: norm = {value!r}; the zoo's segresnet supports batch and instance norms "
+                                "with affine parameters (SegResEncoder's default) and no instance running statistics")
 
 
 def _convert_ctfm(path: str, entry: Optional[str]) -> Conversion:

@@ -88,14 +88,12 @@ class SegResEncoderBackbone(SegResEncoder):
         in_chans: input channels.
         init_filters: filters of the first level.
         blocks_down: residual blocks per level.
-        norm: 'batch' (MONAI's default), 'instance' (no affine, as MONAI's 'instance') or
-            'instance_affine'; any other MONAI norm name or (name, args) tuple is passed on as is.
+        norm: MONAI norm name or (name, args); SegResEncoder gives norms affine parameters unless
+            the args say otherwise ('batch', MONAI's default, and 'instance' are ``MODEL.NORM``'s choices).
     """
 
     def __init__(self, in_chans: int, init_filters: int = 32, blocks_down: Sequence[int] = (1, 2, 2, 4, 4),
                  norm: str | tuple = "batch") -> None:
-        if norm == "instance_affine":
-            norm = ("instance", {"affine": True})
         super().__init__(spatial_dims=3, init_filters=init_filters, in_channels=in_chans, act="relu", norm=norm,
                          blocks_down=tuple(blocks_down))
         self.in_chans = in_chans

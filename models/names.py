@@ -18,4 +18,4 @@ VIT_NAMES = tuple(VIT_SIZES) + tuple(VIT_VARIANTS)
 BACKBONES = VIT_NAMES + ("swin", "segresnet", "resnet18", "resnet50")  # MODEL.NAME
 POOLS = ("cls", "mean", "cls+mean")  # MODEL.POOL
 POS_EMBEDS = ("sincos", "learned")  # MODEL.POS_EMBED
-NORMS = ("batch", "instance", "instance_affine")  # MODEL.NORM (segresnet)
+NORMS = ("batch", "instance")  # MODEL.NORM (segresnet; both with affine parameters, as SegResEncoder builds them)

@@ -42,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, import, print what was written; returns 0."""
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.format != "headct-fm" and (args.entry or args.roi):
+        ap.error(f"--entry and --roi apply to --format headct-fm only, not to {args.format}")
     report = import_checkpoint(args.format, args.src, args.out, entry=args.entry, roi=args.roi)
     print(f"{args.format}: {report['tensors']} backbone tensors from {args.src} "
           f"(entry {report['entry'] or '<top level>'}) -> {args.out}")

@@ -90,7 +90,7 @@ def test_ctfm_hub_folder_gives_source_features(tmp_path):
 
 def test_ctfm_instance_norm_running_stats_are_dropped_by_name(tmp_path):
     pytest.importorskip("safetensors", reason="the ct-fm hub format is safetensors (pip install safetensors)")
-    enc = _ctfm_encoder(norm=("instance", {"affine": True}))
+    enc = _ctfm_encoder(norm="instance")
     state = dict(enc.state_dict())
     stats = {}
     for name, m in enc.named_modules():  # statistics saved by a norm layer that does not use them
@@ -99,7 +99,7 @@ def test_ctfm_instance_norm_running_stats_are_dropped_by_name(tmp_path):
             stats[f"{name}.running_var"] = torch.ones(m.num_features)
     _save_hub_folder(tmp_path / "hub", {**state, **stats}, {**CTFM_CONFIG, "norm": ["instance", {"affine": True}]})
     conv, model = convert_checkpoint("ct-fm", str(tmp_path / "hub"))
-    assert set(conv.dropped) == set(stats) and conv.settings["MODEL.NORM"] == "instance_affine"
+    assert set(conv.dropped) == set(stats) and conv.settings["MODEL.NORM"] == "instance"
     x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert _max_diff(model(x), enc(x)[-1].mean(dim=(2, 3, 4))) <= TOL

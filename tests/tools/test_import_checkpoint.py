@@ -1,0 +1,47 @@
+"""tools/import_checkpoint.py: the command writes backbone.pth, model.yaml and import.json, prints what it
+dropped, and reports a checkpoint it cannot import as one line with exit status 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tools.import_checkpoint import cli, main
+
+
+def _fmcib_file(path):
+    from monai.networks.nets.resnet import ResNet
+
+    torch.manual_seed(0)
+    trunk = ResNet(block="bottleneck", layers=[3, 4, 6, 3], block_inplanes=[4, 8, 16, 32], spatial_dims=3,
+                   n_input_channels=1, conv1_t_stride=2, widen_factor=2, feed_forward=False)
+    torch.save({"trunk_state_dict": trunk.state_dict(), "head_state_dict": {"0.weight": torch.zeros(8, 256)}}, path)
+
+
+def test_command_writes_backbone_yaml_and_report(tmp_path, capsys):
+    _fmcib_file(tmp_path / "model_weights.torch")
+    out = tmp_path / "fmcib" / "backbone.pth"
+    assert main(["--format", "fmcib", "--in", str(tmp_path / "model_weights.torch"), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "dropped 1: projection head" in text and "MODEL.NAME = resnet50" in text
+    assert "python -m tools.extract_features --cfg" in text
+    assert out.is_file() and (out.parent / "model.yaml").is_file()
+    report = json.loads((out.parent / "import.json").read_text())
+    assert report["dropped"] == {"head_state_dict.0.weight": "projection head (SimCLR), not part of the trunk"}
+    assert report["settings"]["MODEL.FEATURE_SIZE"] == 8 and len(report["sha256"]) == 64
+    assert set(torch.load(out, weights_only=True)) == set(report["renamed"]) | {
+        k for k in torch.load(out, weights_only=True) if k not in report["renamed"]}
+
+
+def test_command_errors_are_one_line(tmp_path, capsys):
+    torch.save({"trunk_state_dict": {"conv1.weight": torch.zeros(8, 1, 7, 7, 7), "mystery": torch.zeros(2)}},
+               tmp_path / "bad.torch")
+    assert cli(["--format", "fmcib", "--in", str(tmp_path / "bad.torch"), "--out", str(tmp_path / "o.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("import_checkpoint: error: ") and err.count("\n") == 1 and "resnet" in err
+    assert not (tmp_path / "o.pth").exists()
+    assert cli(["--format", "fmcib", "--in", str(tmp_path / "none.torch"), "--out", str(tmp_path / "o.pth")]) == 2
+    assert "none.torch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--format", "fmcib", "--in", "x", "--out", "y", "--entry", "teacher"])
