@@ -99,7 +99,10 @@ def _torch_load(path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files, objects refused by weights_only
-        raise CheckpointImportError(f"{path}: cannot be read by torch.load(weights_only=True): {e}") from e
+        raise CheckpointImportError(
+            f"{path}: cannot be read by torch.load(weights_only=True): {e}. If the file also pickles other objects "
+            "(a scheduler, a config) and you trust it, save its weights alone first, e.g. "
+            "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pt')") from e
 
 
 def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -638,8 +641,10 @@ def import_checkpoint(fmt: str, path: str, out: str, entry: Optional[str] = None
               "settings": conv.settings, "tensors": len(conv.state), "dropped": conv.dropped, "filled": conv.filled,
               "renamed": {k: v for k, v in conv.origin.items() if k != v}, "other_entries": conv.other_entries,
               "notes": conv.notes, "backbone": os.path.abspath(out), "model_yaml": yaml_path}
-    with open(os.path.join(folder, "import.json"), "w") as f:
+    json_path = os.path.join(folder, "import.json")
+    with open(json_path + ".tmp", "w") as f:
         json.dump(report, f, indent=2)
+    os.replace(json_path + ".tmp", json_path)
     logger.info("imported %s (%s, entry %r): %d backbone tensors -> %s", path, fmt, conv.entry or "<top level>",
                 len(conv.state), out)
     for why, n in _summarise(conv.dropped).items():

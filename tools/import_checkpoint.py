@@ -59,7 +59,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  {key} = {value}")
     for note in report["notes"]:
         print(f"  note: {note}")
-    print(f"wrote {args.out}, {report['model_yaml']}, {os.path.join(os.path.dirname(report['model_yaml']), 'import.json')}")
+    folder = os.path.dirname(report["model_yaml"])
+    print(f"wrote {args.out}, {report['model_yaml']}, {os.path.join(folder, 'import.json')}")
     print(f"probe it: python -m tools.extract_features --cfg {report['model_yaml']} --opts DATA.TEST_CSV <manifest> "
           "OUTPUT <folder>")
     return 0
