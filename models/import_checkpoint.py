@@ -151,7 +151,7 @@ def _pick_entry(obj: Any, path: str, names: Sequence[str]) -> tuple[dict[str, to
 
 
 def _split_prefix(src: Mapping[str, torch.Tensor], prefixes: Sequence[str],
-                  probe: Callable[[str], bool]) -> str:
+                  probe: Callable[[str], bool], path: str) -> str:
     """The first prefix of ``prefixes`` under which the most keys satisfy ``probe``."""
     best, count = None, 0
     for p in prefixes:
@@ -159,7 +159,7 @@ def _split_prefix(src: Mapping[str, torch.Tensor], prefixes: Sequence[str],
         if n > count:
             best, count = p, n
     if best is None:
-        raise CheckpointImportError(f"no key looks like the expected architecture under any of the prefixes "
+        raise CheckpointImportError(f"{path}: no key looks like the expected architecture under any of the prefixes "
                                     f"{list(prefixes)}; keys are e.g. {sorted(src)[:8]}")
     return best
 
@@ -216,8 +216,11 @@ def _ctfm_files(path: str) -> tuple[dict[str, torch.Tensor], dict, str, list[str
 def _ctfm_norm(value: Any, where: str) -> str:
     """config.json's MONAI ``norm`` (name or [name, args]) -> a ``MODEL.NORM`` value (SegResEncoder makes
     norms affine unless the args say ``affine: false``)."""
-    name, args = (value, {}) if isinstance(value, str) else (value[0], value[1] if len(value) > 1 else {}) \
-        if isinstance(value, (list, tuple)) and value else (None, None)
+    name, args = None, None
+    if isinstance(value, str):
+        name, args = value, {}
+    elif isinstance(value, (list, tuple)) and value:
+        name, args = value[0], value[1] if len(value) > 1 else {}
     if not isinstance(name, str) or not isinstance(args, dict):
         raise CheckpointImportError(f"{where}: norm = {value!r} is not a MONAI norm name or [name, args]")
     name = name.lower()
@@ -233,6 +236,9 @@ def _convert_ctfm(path: str, entry: Optional[str]) -> Conversion:
     src, config, found, others = _ctfm_files(path)
     where = os.path.join(path, "config.json") if os.path.isdir(path) else f"{path} (config.json)"
     cfg = {**CTFM_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    stem = next((v for k, v in src.items() if k.endswith("conv_init.weight") and v.ndim == 5), None)
+    if "init_filters" not in config and stem is not None:  # no config.json: the width is in the weights
+        cfg["init_filters"] = int(stem.shape[0])
     for key in ("anisotropic_scales", "resolution"):
         if config.get(key):
             raise CheckpointImportError(f"{where}: {key} = {config[key]!r}; the zoo's segresnet is isotropic")
@@ -263,9 +269,12 @@ def _convert_ctfm(path: str, entry: Optional[str]) -> Conversion:
         "with its axes permuted and flipped relative to CT-FM's training (there is no orientation setting).",
         "DATA.ROI [160, 208, 80] covers an adult head at that spacing; any size divisible by 16 works.",
     ]
+    if not config:
+        conv.notes.append("No config.json was found: CT-FM's architecture was assumed (blocks_down [1, 2, 2, 4, 4], "
+                          "batch norm, relu), with init_filters read from conv_init.weight.")
     target = _build(conv.settings, meta=True).state_dict()
     prefix = _split_prefix(src, ("", "encoder.", "model.encoder.", "backbone.encoder.", "model.", "backbone."),
-                           lambda k: k in target)
+                           lambda k: k in target, path)
     for key, value in src.items():
         name = key[len(prefix):] if key.startswith(prefix) else None
         if name is not None and name in target:
@@ -288,7 +297,7 @@ SWIN_HEADS = (("rotation_head.", "SSL rotation head"), ("contrastive_head.", "SS
 def _convert_swin(path: str, entry: Optional[str]) -> Conversion:
     src, found, others = _pick_entry(_torch_load(path), path, ("state_dict", "model", "net"))
     conv = Conversion("swinunetr-ssl", path, entry=found, other_entries=others)
-    prefix = _split_prefix(src, ("", "swinViT."), lambda k: k.startswith(("patch_embed.", "layers1.")))
+    prefix = _split_prefix(src, ("", "swinViT."), lambda k: k.startswith(("patch_embed.", "layers1.")), path)
     patch = src.get(prefix + "patch_embed.proj.weight")
     if patch is None or patch.ndim != 5:
         raise CheckpointImportError(f"{path}: no 3D patch embedding '{prefix}patch_embed.proj.weight'; keys are e.g. "
@@ -360,7 +369,7 @@ def _convert_fmcib(path: str, entry: Optional[str]) -> Conversion:
         prefix = ""
     else:
         src, conv.entry, conv.other_entries = _pick_entry(obj, path, ("state_dict", "model"))
-        prefix = _split_prefix(src, ("model.trunk.", "trunk.", ""), lambda k: k.startswith(("conv1.", "layer1.")))
+        prefix = _split_prefix(src, ("model.trunk.", "trunk.", ""), lambda k: k.startswith(("conv1.", "layer1.")), path)
     inner = {k[len(prefix):]: v for k, v in src.items() if k.startswith(prefix)}
     stem = inner.get("conv1.weight")
     if stem is None or stem.ndim != 5:
@@ -426,7 +435,7 @@ def _convert_headct(path: str, entry: Optional[str], roi: Optional[Sequence[int]
     src, found, others = _pick_entry(obj, path, names)
     conv = Conversion("headct-fm", path, entry=found, other_entries=others)
     prefix = _split_prefix(src, ("", "backbone.", "encoder.", "model.backbone.", "model."),
-                           lambda k: k.startswith(("patch_embedding.", "blocks.", "cls_token")))
+                           lambda k: k.startswith(("patch_embedding.", "blocks.", "cls_token")), path)
     get = lambda k: src.get(prefix + k)  # noqa: E731
     patch = get("patch_embedding.patch_embeddings.weight")
     if patch is None or patch.ndim != 5:

@@ -126,6 +126,8 @@ def test_ctfm_full_segresnetds_keeps_the_encoder(tmp_path):
 
 def test_ctfm_config_the_zoo_cannot_build_is_refused(tmp_path):
     torch.save(_ctfm_encoder().state_dict(), tmp_path / "enc.pt")
+    conv, _ = convert_checkpoint("ct-fm", str(tmp_path / "enc.pt"))  # no config.json: CT-FM's, width from weights
+    assert conv.settings["MODEL.FEATURE_SIZE"] == 8 and "No config.json" in conv.notes[-1]
     (tmp_path / "config.json").write_text(json.dumps({**CTFM_CONFIG, "blocks_down": [1, 2, 2, 4]}))
     with pytest.raises(CheckpointImportError, match=r"blocks_down = \[1, 2, 2, 4\]"):
         convert_checkpoint("ct-fm", str(tmp_path / "enc.pt"))
