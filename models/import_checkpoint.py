@@ -598,8 +598,6 @@ def convert_checkpoint(fmt: str, path: str, entry: Optional[str] = None,
 # ------------------------------------------------------------------------------------------ writing
 def model_yaml(conv: Conversion, backbone_path: str, digest: str) -> str:
     """The text of ``model.yaml``: comments on the source, then its MODEL.* and DATA.* settings."""
-    import yaml
-
     tree: dict[str, dict[str, Any]] = {}
     for key, value in {**conv.settings, "MODEL.PRETRAINED": os.path.abspath(backbone_path)}.items():
         group, name = key.split(".")
@@ -609,7 +607,11 @@ def model_yaml(conv: Conversion, backbone_path: str, digest: str) -> str:
             f"# entry: {conv.entry or '<top level>'}; {len(conv.state)} backbone tensors; "
             f"{len(conv.dropped)} source tensors dropped, {len(conv.filled)} filled (import.json lists them)"]
     head += [f"# note: {n}" for n in conv.notes]
-    return "\n".join(head) + "\n" + yaml.safe_dump(tree, sort_keys=True, default_flow_style=None)
+    body = []  # one key a line, values as JSON (valid YAML): MODEL first, then DATA
+    for group in sorted(tree, key=lambda g: (g != "MODEL", g)):
+        body.append(f"{group}:")
+        body += [f"  {name}: {json.dumps(value)}" for name, value in tree[group].items()]
+    return "\n".join(head + body) + "\n"
 
 
 def _summarise(keys: Mapping[str, str]) -> dict[str, int]:

@@ -307,9 +307,12 @@ class _HeadCTViT(nn.Module):
         return self.norm(t)[:, 0]
 
 
-def _perturbed(state: dict, scale=0.02) -> dict:
+def _teacher_of(student: dict, scale=0.02) -> dict:
+    """The student's tensors (shared, so the file stores them once) except a few that differ."""
     g = torch.Generator().manual_seed(7)
-    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    differ = ("module.backbone.cls_token", "module.backbone.norm.weight", "module.backbone.blocks.11.attn.qkv.weight",
+              "module.backbone.patch_embedding.position_embeddings")
+    return {k: v + scale * torch.randn(v.shape, generator=g) if k in differ else v for k, v in student.items()}
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +330,7 @@ def test_headct_training_checkpoint_teacher_and_student(tmp_path, headct_source)
     vit = headct_source
     student = {f"module.backbone.{k}": v.clone() for k, v in vit.state_dict().items()}  # not aliasing vit
     student["module.head.mlp.0.weight"] = torch.zeros(16, 768)
-    teacher = _perturbed(student)
+    teacher = _teacher_of(student)
     torch.save({"epoch": 5, "best_loss": 1.0, "state_dict": student, "momentum_model_state_dict": teacher,
                 "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "dino.pt")
     x = torch.rand(2, 3, 24, 24, 24)
