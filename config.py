@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
-from models.names import BACKBONES, NORMS, POOLS, POS_EMBEDS
+from models.names import BACKBONES, NORMS, POOLS, POS_EMBEDS, orientation_axes
 
 _C = CN()
 _C.OUTPUT = "outputs/run"  # run folder: config.yaml, logs, checkpoints; reused by TRAIN.RESUME auto
@@ -65,6 +65,9 @@ _C.MODEL.FEATURE_SIZE = 0
 # normalisation of the segresnet encoder, with affine parameters as MONAI's SegResEncoder builds it:
 # 'batch' (MONAI's default) | 'instance'; tools/import_checkpoint.py sets it from a CT-FM config.json
 _C.MODEL.NORM = "batch"
+# orientation the MONAI encoders (swin, segresnet, resnet*) give their input in: the data stay RAS, the
+# encoder permutes / flips its input to this code and its feature map back (CT-FM: SPL, FMCIB: LPS); ViTs: RAS
+_C.MODEL.INPUT_ORIENTATION = "RAS"
 
 # ---------------------------------------------------------------------------------------------
 _C.TRAIN = CN()
@@ -265,6 +268,13 @@ def validate(cfg: CN) -> None:
             raise ConfigError(f"{key} = {list(v)}; expected [low, high] with 0 < low <= high <= 1")
     if cfg.SIMCLR.CROP_ASPECT < 1:
         raise ConfigError(f"SIMCLR.CROP_ASPECT = {cfg.SIMCLR.CROP_ASPECT!r}; it must be >= 1 (1 = no stretching)")
+    try:
+        orientation_axes(cfg.MODEL.INPUT_ORIENTATION)
+    except ValueError as e:
+        raise ConfigError(f"MODEL.INPUT_ORIENTATION: {e}") from None
+    if cfg.MODEL.NAME.startswith("vit_") and cfg.MODEL.INPUT_ORIENTATION.upper() != "RAS":
+        raise ConfigError(f"MODEL.INPUT_ORIENTATION = {cfg.MODEL.INPUT_ORIENTATION!r}: ViTs take RAS input only "
+                          "(their position table and token grid follow the data's axes)")
     if cfg.MODEL.NAME.startswith("vit_"):
         roi, patch = list(cfg.DATA.ROI), list(cfg.MODEL.PATCH_SIZE)
         if any(r % p for r, p in zip(roi, patch)):

@@ -260,13 +260,13 @@ def _convert_ctfm(path: str, entry: Optional[str]) -> Conversion:
 
     conv = Conversion("ct-fm", path, entry=found, other_entries=others)
     conv.settings = {"MODEL.NAME": "segresnet", "MODEL.FEATURE_SIZE": width, "MODEL.NORM": norm,
-                     "DATA.WINDOWS": ["512,3072"], "DATA.SPACING": [1.0, 1.0, 3.0], "DATA.ROI": [160, 208, 80],
-                     "DATA.FIT": "crop_pad"}
+                     "MODEL.INPUT_ORIENTATION": "SPL", "DATA.WINDOWS": ["512,3072"], "DATA.SPACING": [1.0, 1.0, 3.0],
+                     "DATA.ROI": [160, 208, 80], "DATA.FIT": "crop_pad"}
     conv.notes = [
         "CT-FM maps HU [-1024, 2048] -> [0, 1] with clipping: the window '512,3072' is the same map.",
-        "CT-FM reads arrays oriented SPL at 3 x 1 x 1 mm (S, P, L); this codebase feeds RAS arrays [X, Y, Z], so "
-        "DATA.SPACING is [1, 1, 3] (the same voxels, listed in RAS order) and the volume reaches the network "
-        "with its axes permuted and flipped relative to CT-FM's training (there is no orientation setting).",
+        "CT-FM reads arrays oriented SPL at 3 x 1 x 1 mm (S, P, L): the data stay RAS here, so DATA.SPACING "
+        "[1, 1, 3] and DATA.ROI list the same voxels in RAS order, and MODEL.INPUT_ORIENTATION SPL hands the "
+        "network its input as SPL arrays (feature maps come back in RAS order).",
         "DATA.ROI [160, 208, 80] covers an adult head at that spacing; any size divisible by 16 works.",
     ]
     if not config:
@@ -378,12 +378,14 @@ def _convert_fmcib(path: str, entry: Optional[str]) -> Conversion:
     if in_chans != 1:
         raise CheckpointImportError(f"{path}: {prefix}conv1.weight {tuple(stem.shape)} reads {in_chans} channels; "
                                     "FMCIB reads one")
-    conv.settings = {"MODEL.NAME": f"resnet{depth}", "MODEL.FEATURE_SIZE": width, "DATA.WINDOWS": ["512,3072"],
+    conv.settings = {"MODEL.NAME": f"resnet{depth}", "MODEL.FEATURE_SIZE": width, "MODEL.INPUT_ORIENTATION": "LPS",
+                     "DATA.WINDOWS": ["512,3072"],
                      "DATA.SPACING": [1.0, 1.0, 1.0], "DATA.ROI": [50, 50, 50], "DATA.FIT": "crop_pad"}
     conv.notes = [
         "FMCIB normalises (HU + 1024) / 3072 without clipping; the window '512,3072' is the same map clipped to "
         "[0, 1] (it differs only above 2048 HU: metal, dense calcium).",
-        "FMCIB reads LPS arrays at 1 mm; this codebase feeds RAS arrays (x and y flipped relative to FMCIB's).",
+        "FMCIB reads LPS arrays at 1 mm: MODEL.INPUT_ORIENTATION LPS hands the network its RAS input flipped "
+        "along x and y.",
         "FMCIB embeds 50^3 crops centred on seed points (coordX/Y/Z); the evaluation views here centre the crop "
         "on the head instead: crop around your seed points before feature extraction to match it.",
         "The stem's stride (conv1_t_stride 2) is not stored in the weights; the zoo's ResNets use stride 2.",

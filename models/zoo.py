@@ -48,7 +48,8 @@ def build_backbone(cfg: Any) -> nn.Module:
     ``MODEL.NUM_REGISTERS``, ``MODEL.POS_EMBED``, ``MODEL.POOL``, ``MODEL.DROP_PATH``, and a mask
     token when ``DINO.IBOT_WEIGHT > 0``. MONAI encoders: width ``MODEL.FEATURE_SIZE`` or, when 0,
     :data:`STANDARD_WIDTH` (swin embed dim, segresnet init filters, resnet first-stage channels);
-    segresnet normalisation ``MODEL.NORM``; ``MODEL.POOL`` does not apply (mean pool).
+    segresnet normalisation ``MODEL.NORM``, input orientation ``MODEL.INPUT_ORIENTATION``;
+    ``MODEL.POOL`` does not apply (mean pool).
 
     Args:
         cfg: the config tree.
@@ -67,10 +68,13 @@ def build_backbone(cfg: Any) -> nn.Module:
     from models import monai_backbones as mb  # MONAI imports take seconds: only when needed
 
     if name == "swin":
-        return mb.SwinEncoder(in_chans, feature_size=width, drop_path_rate=float(cfg.MODEL.DROP_PATH))
-    if name == "segresnet":
-        return mb.SegResEncoderBackbone(in_chans, init_filters=width, norm=cfg.MODEL.NORM)
-    return mb.ResNet3D(int(name[len("resnet"):]), in_chans, width=width)
+        model = mb.SwinEncoder(in_chans, feature_size=width, drop_path_rate=float(cfg.MODEL.DROP_PATH))
+    elif name == "segresnet":
+        model = mb.SegResEncoderBackbone(in_chans, init_filters=width, norm=cfg.MODEL.NORM)
+    else:
+        model = mb.ResNet3D(int(name[len("resnet"):]), in_chans, width=width)
+    model.set_input_orientation(cfg.MODEL.INPUT_ORIENTATION)
+    return model
 
 
 # ------------------------------------------------------------------------------ load_pretrained

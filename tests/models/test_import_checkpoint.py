@@ -82,10 +82,15 @@ def test_ctfm_hub_folder_gives_source_features(tmp_path):
     assert report["settings"]["DATA.WINDOWS"] == ["512,3072"]
     _check_outputs(report, out)
     conv, model = convert_checkpoint("ct-fm", str(tmp_path / "ct_fm_feature_extractor"))
-    x = torch.rand(2, 1, 32, 32, 32)
+    assert conv.settings["MODEL.INPUT_ORIENTATION"] == "SPL"
+    x = torch.rand(2, 1, 32, 48, 16)  # RAS [X, Y, Z]
+    spl = x.permute(0, 1, 4, 3, 2).flip(3, 4)  # CT-FM's SPL array: axes (Z, -Y, -X)
     with torch.no_grad():
-        ref = enc(x)[-1].mean(dim=(2, 3, 4))  # CT-FM's embedding: global average of the last level
+        ref = enc(spl)[-1].mean(dim=(2, 3, 4))  # CT-FM's embedding: global average of the last level
         assert _max_diff(model(x), ref) <= TOL
+        fmap = model.forward_features(x)
+        assert fmap.shape[2:] == (2, 3, 1)  # returned in RAS order
+        assert _max_diff(fmap, enc(spl)[-1].flip(3, 4).permute(0, 1, 4, 3, 2)) <= TOL
 
 
 def test_ctfm_instance_norm_running_stats_are_dropped_by_name(tmp_path):
@@ -101,8 +106,9 @@ def test_ctfm_instance_norm_running_stats_are_dropped_by_name(tmp_path):
     conv, model = convert_checkpoint("ct-fm", str(tmp_path / "hub"))
     assert set(conv.dropped) == set(stats) and conv.settings["MODEL.NORM"] == "instance"
     x = torch.rand(1, 1, 32, 32, 32)
+    spl = x.permute(0, 1, 4, 3, 2).flip(3, 4)
     with torch.no_grad():
-        assert _max_diff(model(x), enc(x)[-1].mean(dim=(2, 3, 4))) <= TOL
+        assert _max_diff(model(x), enc(spl)[-1].mean(dim=(2, 3, 4))) <= TOL
 
 
 def test_ctfm_full_segresnetds_keeps_the_encoder(tmp_path):
@@ -121,7 +127,7 @@ def test_ctfm_full_segresnetds_keeps_the_encoder(tmp_path):
     assert set(conv.dropped) == decoder and conv.entry == "state_dict" and conv.other_entries == ["epoch"]
     x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
-        assert _max_diff(model(x), net.encoder(x)[-1].mean(dim=(2, 3, 4))) <= TOL
+        assert _max_diff(model(x), net.encoder(x.permute(0, 1, 4, 3, 2).flip(3, 4))[-1].mean(dim=(2, 3, 4))) <= TOL
 
 
 def test_ctfm_config_the_zoo_cannot_build_is_refused(tmp_path):
@@ -235,9 +241,10 @@ def test_fmcib_gives_source_features(tmp_path, layout):
     conv, model = convert_checkpoint("fmcib", str(tmp_path / "model_weights.torch"))
     assert conv.settings["MODEL.NAME"] == "resnet50" and conv.settings["MODEL.FEATURE_SIZE"] == 16
     assert len(conv.dropped) == 2 and all("projection head" in why for why in conv.dropped.values())
-    x = torch.rand(2, 1, 32, 32, 32)
+    assert conv.settings["MODEL.INPUT_ORIENTATION"] == "LPS"
+    x = torch.rand(2, 1, 32, 32, 32)  # RAS
     with torch.no_grad():
-        ref = trunk(x)  # feed_forward=False: the pooled 32 x width features
+        ref = trunk(x.flip(2, 3))  # FMCIB's LPS array; feed_forward=False: the pooled 32 x width features
         assert model.embed_dim == ref.shape[1] == 512
         assert _max_diff(model(x), ref) <= TOL
 

@@ -217,3 +217,16 @@ def test_vit_base_headct_variant_and_segresnet_norm():
     assert any(k.endswith("norm1.weight") for k in keys) and not any(k.endswith("running_mean") for k in keys)
     keys = build_backbone(vit_cfg("segresnet", FEATURE_SIZE=4)).state_dict()
     assert any(k.endswith("norm1.running_mean") for k in keys)
+
+
+def test_input_orientation_codes_are_checked():
+    from config import ConfigError, validate
+    from models.names import orientation_axes
+
+    assert orientation_axes("SPL") == ((2, 1, 0), (False, True, True))
+    assert orientation_axes("ras") == ((0, 1, 2), (False, False, False))
+    cfg = vit_cfg("segresnet", INPUT_ORIENTATION="SPX")
+    with pytest.raises(ConfigError, match="MODEL.INPUT_ORIENTATION.*'SPX'"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match="ViTs take RAS input only"):
+        validate(vit_cfg("vit_tiny", INPUT_ORIENTATION="SPL"))

@@ -79,6 +79,7 @@ def test_imported_ctfm_through_model_yaml_extracts_the_source_features(tmp_path)
     cfg = get_config(["--cfg", str(out.parent / "model.yaml"), "--opts", *small])
     ds = VolumeDataset(Manifest.read(cfg.DATA.TEST_CSV), cfg, SingleView(cfg, train=False))
     with torch.no_grad():
-        ref = np.stack([enc(ds[i]["image"][None])[-1].mean(dim=(2, 3, 4))[0].numpy() for i in range(len(ds))])
+        spl = [ds[i]["image"][None].permute(0, 1, 4, 3, 2).flip(3, 4) for i in range(len(ds))]  # RAS -> SPL
+        ref = np.stack([enc(v)[-1].mean(dim=(2, 3, 4))[0].numpy() for v in spl])
     assert feats.shape == ref.shape == (n_rows, 64)
     assert np.abs(feats - ref).max() <= 1e-5
