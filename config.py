@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
-from models.names import BACKBONES, POOLS, POS_EMBEDS
+from models.names import BACKBONES, NORMS, POOLS, POS_EMBEDS, orientation_axes
 
 _C = CN()
 _C.OUTPUT = "outputs/run"  # run folder: config.yaml, logs, checkpoints, run.lock; reused by TRAIN.RESUME auto
@@ -53,7 +53,8 @@ _C.DATA.MAX_BAD_FRACTION = 0.05  # under 'skip', more bad inputs than this fract
 
 # ---------------------------------------------------------------------------------------------
 _C.MODEL = CN()
-# vit_tiny | vit_small | vit_base | vit_large | swin | segresnet | resnet18 | resnet50
+# vit_tiny | vit_small | vit_base | vit_large | swin | segresnet | resnet18 | resnet50; variants:
+# vit_base_headct (HeadCT-Foundation's ViT-B: block LayerNorm eps 1e-5, for its imported weights)
 _C.MODEL.NAME = "vit_base"
 _C.MODEL.PATCH_SIZE = [16, 16, 16]  # ViT patch size per axis (8 or 16 typical at 96^3)
 _C.MODEL.PRETRAINED = ""  # checkpoint to initialise the backbone from ('' = random init)
@@ -65,6 +66,12 @@ _C.MODEL.DROP_PATH = 0.0  # stochastic depth rate (0.1 for fine-tuning ViT-B)
 # width of the MONAI encoders: swin embed dim (multiple of 12), segresnet init filters, resnet
 # first-stage channels; 0 = the standard width (swin 48 as SwinUNETR, segresnet 32 as CT-FM, resnet 64)
 _C.MODEL.FEATURE_SIZE = 0
+# normalisation of the segresnet encoder, with affine parameters as MONAI's SegResEncoder builds it:
+# 'batch' (MONAI's default) | 'instance'; tools/import_checkpoint.py sets it from a CT-FM config.json
+_C.MODEL.NORM = "batch"
+# orientation the MONAI encoders (swin, segresnet, resnet*) give their input in: the data stay RAS, the
+# encoder permutes / flips its input to this code and its feature map back (CT-FM: SPL, FMCIB: LPS); ViTs: RAS
+_C.MODEL.INPUT_ORIENTATION = "RAS"
 
 # ---------------------------------------------------------------------------------------------
 _C.TRAIN = CN()
@@ -175,6 +182,7 @@ CHOICES = {
     "MODEL.NAME": BACKBONES,
     "MODEL.POOL": POOLS,
     "MODEL.POS_EMBED": POS_EMBEDS,
+    "MODEL.NORM": NORMS,
     "TRAIN.OPTIMIZER": ("adamw", "sgd"),
     "TRAIN.AMP": ("bf16", "fp16", "none"),
     "TRAIN.ON_NONFINITE": ("stop", "skip"),
@@ -264,6 +272,13 @@ def validate(cfg: CN) -> None:
             raise ConfigError(f"{key} = {list(v)}; expected [low, high] with 0 < low <= high <= 1")
     if cfg.SIMCLR.CROP_ASPECT < 1:
         raise ConfigError(f"SIMCLR.CROP_ASPECT = {cfg.SIMCLR.CROP_ASPECT!r}; it must be >= 1 (1 = no stretching)")
+    try:
+        orientation_axes(cfg.MODEL.INPUT_ORIENTATION)
+    except ValueError as e:
+        raise ConfigError(f"MODEL.INPUT_ORIENTATION: {e}") from None
+    if cfg.MODEL.NAME.startswith("vit_") and cfg.MODEL.INPUT_ORIENTATION.upper() != "RAS":
+        raise ConfigError(f"MODEL.INPUT_ORIENTATION = {cfg.MODEL.INPUT_ORIENTATION!r}: ViTs take RAS input only "
+                          "(their position table and token grid follow the data's axes)")
     if cfg.MODEL.NAME.startswith("vit_"):
         roi, patch = list(cfg.DATA.ROI), list(cfg.MODEL.PATCH_SIZE)
         if any(r % p for r, p in zip(roi, patch)):

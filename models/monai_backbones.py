@@ -7,7 +7,10 @@ checkpoint loads as is) and adds:
 - ``embed_dim``: width of ``forward``'s output; ``token_dim``: channels of the feature map;
 - ``forward_features(x) -> [B, C', d, h, w]`` (last-stage feature map);
 - ``forward(x) -> [B, embed_dim]`` (global average pool of that map);
-- ``no_weight_decay() -> set[str]``.
+- ``no_weight_decay() -> set[str]``;
+- ``input_orientation`` (``MODEL.INPUT_ORIENTATION``): the network sees its input permuted / flipped from
+  the data's RAS array order to this code (a model trained on SPL or LPS arrays: CT-FM, FMCIB), and
+  ``forward_features`` returns the feature map permuted / flipped back, so callers see RAS order.
 
 Import cost: MONAI takes seconds to import, so ``models.zoo`` imports this module only when a
 MONAI encoder is asked for.
@@ -22,13 +25,42 @@ from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
 from monai.networks.nets.segresnet_ds import SegResEncoder
 from monai.networks.nets.swin_unetr import SwinTransformer
 
+from models.names import orientation_axes
+
 
 def _check_input(x: torch.Tensor, in_chans: int, name: str) -> None:
     if x.ndim != 5 or x.shape[1] != in_chans:
         raise ValueError(f"{name} expects input [B, {in_chans}, D, H, W]; got {tuple(x.shape)}")
 
 
-class SwinEncoder(SwinTransformer):
+class _Oriented:
+    """Input orientation of an encoder: RAS arrays in, the network run on ``input_orientation`` arrays."""
+
+    input_orientation = "RAS"
+
+    def set_input_orientation(self, code: str) -> None:
+        """Run the network on arrays oriented ``code`` (e.g. 'SPL'); ValueError for a bad code."""
+        perm, flips = orientation_axes(code)
+        self.input_orientation = code.upper()
+        self._perm, self._flips = perm, [2 + i for i, f in enumerate(flips) if f]
+
+    def _to_input(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, C, X, Y, Z] (RAS) -> [B, C, *axes of input_orientation]
+        if self.input_orientation == "RAS":
+            return x
+        x = x.permute(0, 1, *(2 + p for p in self._perm))
+        return x.flip(self._flips) if self._flips else x
+
+    def _from_input(self, f: torch.Tensor) -> torch.Tensor:
+        # feature map in the input orientation's axes -> RAS axes (the inverse of _to_input)
+        if self.input_orientation == "RAS":
+            return f
+        f = f.flip(self._flips) if self._flips else f
+        inverse = [self._perm.index(i) for i in range(3)]
+        return f.permute(0, 1, *(2 + p for p in inverse))
+
+
+class SwinEncoder(_Oriented, SwinTransformer):
     """The SwinUNETR Swin-Transformer encoder (as in SwinUNETR self-supervised pretraining).
 
     Patch size 2, window 7, depths (2, 2, 2, 2), heads (3, 6, 12, 24): the SwinUNETR defaults.
@@ -66,7 +98,7 @@ class SwinEncoder(SwinTransformer):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, D, H, W]`` -> layer-normalised last stage ``[B, 16F, D/32, H/32, W/32]``."""
         _check_input(x, self.in_chans, "swin")
-        return super().forward(x.contiguous(), normalize=True)[-1]
+        return self._from_input(super().forward(self._to_input(x).contiguous(), normalize=True)[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``[B, C, D, H, W]`` -> ``[B, embed_dim]``."""
@@ -77,7 +109,7 @@ class SwinEncoder(SwinTransformer):
         return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
 
 
-class SegResEncoderBackbone(SegResEncoder):
+class SegResEncoderBackbone(_Oriented, SegResEncoder):
     """The SegResNet encoder (MONAI ``SegResEncoder``, as CT-FM's pretraining trunk).
 
     CT-FM uses ``init_filters=32, blocks_down=(1, 2, 2, 4, 4)`` with batch norm; the width here
@@ -88,11 +120,12 @@ class SegResEncoderBackbone(SegResEncoder):
         in_chans: input channels.
         init_filters: filters of the first level.
         blocks_down: residual blocks per level.
-        norm: MONAI norm name ('batch', 'instance', ...).
+        norm: MONAI norm name or (name, args); SegResEncoder gives norms affine parameters unless
+            the args say otherwise ('batch', MONAI's default, and 'instance' are ``MODEL.NORM``'s choices).
     """
 
     def __init__(self, in_chans: int, init_filters: int = 32, blocks_down: Sequence[int] = (1, 2, 2, 4, 4),
-                 norm: str = "batch") -> None:
+                 norm: str | tuple = "batch") -> None:
         super().__init__(spatial_dims=3, init_filters=init_filters, in_channels=in_chans, act="relu", norm=norm,
                          blocks_down=tuple(blocks_down))
         self.in_chans = in_chans
@@ -102,7 +135,7 @@ class SegResEncoderBackbone(SegResEncoder):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, D, H, W]`` -> last level ``[B, embed_dim, D/16, H/16, W/16]`` (5 levels)."""
         _check_input(x, self.in_chans, "segresnet")
-        return self._forward(x)[-1]
+        return self._from_input(self._forward(self._to_input(x))[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``[B, C, D, H, W]`` -> ``[B, embed_dim]``."""
@@ -113,7 +146,7 @@ class SegResEncoderBackbone(SegResEncoder):
         return set()
 
 
-class ResNet3D(ResNet):
+class ResNet3D(_Oriented, ResNet):
     """MONAI 3D ResNet without its fc layer (as FMCIB's ResNet-50 trunk).
 
     ``conv1`` has stride 2 (FMCIB and the 2D ResNet; MONAI's default is 1), followed by max-pool
@@ -143,10 +176,10 @@ class ResNet3D(ResNet):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, D, H, W]`` -> ``[B, embed_dim, D/32, H/32, W/32]``."""
         _check_input(x, self.in_chans, "resnet")
-        x = self.act(self.bn1(self.conv1(x)))
+        x = self.act(self.bn1(self.conv1(self._to_input(x))))
         if not self.no_max_pool:
             x = self.maxpool(x)
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self._from_input(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``[B, C, D, H, W]`` -> ``[B, embed_dim]``."""

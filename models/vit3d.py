@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from models.names import POOLS, POS_EMBEDS, VIT_SIZES
+from models.names import POOLS, POS_EMBEDS, VIT_SIZES, VIT_VARIANTS
 from models.pos_embed import grid_to_tokens, resize_pos_embed, sincos_3d
 
 
@@ -79,6 +79,8 @@ class VisionTransformer3D(nn.Module):
         drop_path_rate: stochastic depth rate of the last block (linear from 0 over depth).
         use_mask_token: create the learned mask token used by ``forward_features(mask=...)``
             (iBOT). Off by default so an unused parameter never stalls DDP.
+        block_norm_eps: epsilon of the LayerNorms inside the blocks (1e-6 as timm's ViT; 1e-5, torch's
+            default, reproduces MONAI-style ViTs such as HeadCT-Foundation's). The final norm keeps 1e-6.
 
     Attributes:
         embed_dim: width of :meth:`forward`'s output (``width``, or ``2 * width`` for cls+mean).
@@ -88,7 +90,7 @@ class VisionTransformer3D(nn.Module):
     def __init__(self, img_size: Size3 = 96, patch_size: Size3 = 16, in_chans: int = 3, width: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  num_registers: int = 0, pos_embed: str = "sincos", pool: str = "cls",
-                 drop_path_rate: float = 0.0, use_mask_token: bool = False) -> None:
+                 drop_path_rate: float = 0.0, use_mask_token: bool = False, block_norm_eps: float = 1e-6) -> None:
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"pool = {pool!r}; expected one of {POOLS}")
@@ -124,7 +126,7 @@ class VisionTransformer3D(nn.Module):
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList([
             Block(dim=width, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
-                  norm_layer=norm_layer)
+                  norm_layer=partial(nn.LayerNorm, eps=block_norm_eps))
             for i in range(depth)])
         self.norm = norm_layer(width)
         self._init_weights()
@@ -280,13 +282,17 @@ class VisionTransformer3D(nn.Module):
 
 
 def create_vit(name: str, **kwargs) -> VisionTransformer3D:
-    """A named ViT size (``vit_tiny | vit_small | vit_base | vit_large``).
+    """A named ViT size (``vit_tiny | vit_small | vit_base | vit_large``) or variant (``vit_base_headct``).
 
     Args:
-        name: key of :data:`VIT_SIZES` (width/depth/heads).
+        name: key of :data:`VIT_SIZES` (width/depth/heads) or of :data:`VIT_VARIANTS` (a size plus
+            the arguments that make the variant).
         **kwargs: further :class:`VisionTransformer3D` arguments (img_size, patch_size, ...).
     """
+    variant: dict = {}
+    if name in VIT_VARIANTS:
+        name, variant = VIT_VARIANTS[name]
     if name not in VIT_SIZES:
-        raise ValueError(f"unknown ViT {name!r}; expected one of {list(VIT_SIZES)}")
+        raise ValueError(f"unknown ViT {name!r}; expected one of {list(VIT_SIZES) + list(VIT_VARIANTS)}")
     width, depth, heads = VIT_SIZES[name]
-    return VisionTransformer3D(width=width, depth=depth, num_heads=heads, **kwargs)
+    return VisionTransformer3D(width=width, depth=depth, num_heads=heads, **variant, **kwargs)

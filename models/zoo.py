@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from models.names import BACKBONES, VIT_SIZES
+from models.names import BACKBONES, VIT_NAMES
 from models.pos_embed import resize_pos_embed, tokens_to_grid
 from models.vit3d import VisionTransformer3D, create_vit
 
@@ -48,6 +48,7 @@ def build_backbone(cfg: Any) -> nn.Module:
     ``MODEL.NUM_REGISTERS``, ``MODEL.POS_EMBED``, ``MODEL.POOL``, ``MODEL.DROP_PATH``, and a mask
     token when ``DINO.IBOT_WEIGHT > 0``. MONAI encoders: width ``MODEL.FEATURE_SIZE`` or, when 0,
     :data:`STANDARD_WIDTH` (swin embed dim, segresnet init filters, resnet first-stage channels);
+    segresnet normalisation ``MODEL.NORM``, input orientation ``MODEL.INPUT_ORIENTATION``;
     ``MODEL.POOL`` does not apply (mean pool).
 
     Args:
@@ -56,7 +57,7 @@ def build_backbone(cfg: Any) -> nn.Module:
     name = cfg.MODEL.NAME
     in_chans = len(cfg.DATA.WINDOWS)
     width = int(cfg.MODEL.FEATURE_SIZE) or STANDARD_WIDTH.get(name, 0)
-    if name in VIT_SIZES:
+    if name in VIT_NAMES:
         return create_vit(name, img_size=list(cfg.DATA.ROI), patch_size=list(cfg.MODEL.PATCH_SIZE),
                           in_chans=in_chans, num_registers=int(cfg.MODEL.NUM_REGISTERS),
                           pos_embed=cfg.MODEL.POS_EMBED, pool=cfg.MODEL.POOL,
@@ -67,10 +68,13 @@ def build_backbone(cfg: Any) -> nn.Module:
     from models import monai_backbones as mb  # MONAI imports take seconds: only when needed
 
     if name == "swin":
-        return mb.SwinEncoder(in_chans, feature_size=width, drop_path_rate=float(cfg.MODEL.DROP_PATH))
-    if name == "segresnet":
-        return mb.SegResEncoderBackbone(in_chans, init_filters=width)
-    return mb.ResNet3D(int(name[len("resnet"):]), in_chans, width=width)
+        model = mb.SwinEncoder(in_chans, feature_size=width, drop_path_rate=float(cfg.MODEL.DROP_PATH))
+    elif name == "segresnet":
+        model = mb.SegResEncoderBackbone(in_chans, init_filters=width, norm=cfg.MODEL.NORM)
+    else:
+        model = mb.ResNet3D(int(name[len("resnet"):]), in_chans, width=width)
+    model.set_input_orientation(cfg.MODEL.INPUT_ORIENTATION)
+    return model
 
 
 # ------------------------------------------------------------------------------ load_pretrained

@@ -3,6 +3,10 @@
     python -m tools.extract_features --cfg configs/demo/mae.yaml \
         --opts MODEL.PRETRAINED runs/mae_vit_base/backbone.pth DATA.TEST_CSV data/all.csv OUTPUT runs/feats
     python -m tools.extract_features --tokens --cfg ... --opts ...        # patch tokens too
+    # a published model (CT-FM, SwinUNETR-SSL, FMCIB, HeadCT-FM) imported by tools/import_checkpoint.py:
+    python -m tools.import_checkpoint --format ct-fm --in ct_fm_feature_extractor --out runs/ct_fm/backbone.pth
+    python -m tools.extract_features --cfg runs/ct_fm/model.yaml --opts DATA.TEST_CSV data/all.csv \
+        OUTPUT runs/ct_fm/feats
     torchrun --nproc_per_node 4 tools/extract_features.py --cfg ... --opts ...
 
 Writes to OUTPUT: ``features.npy`` (float32 ``[N, embed_dim]``, the backbone's pooled output,

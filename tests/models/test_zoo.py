@@ -204,3 +204,29 @@ def test_unreadable_or_missing_files(tmp_path):
     torch.save({"epoch": 3, "note": "x"}, tmp_path / "empty.pth")
     with pytest.raises(PretrainedLoadError, match="no state dict"):
         load_pretrained(m, str(tmp_path / "empty.pth"))
+
+
+def test_vit_base_headct_variant_and_segresnet_norm():
+    """vit_base_headct is ViT-B with torch's LayerNorm eps inside the blocks (HeadCT-Foundation's);
+    MODEL.NORM sets the segresnet's normalisation (affine either way; instance norms keep no statistics)."""
+    with torch.device("meta"):
+        m = build_backbone(vit_cfg("vit_base_headct", roi=(24, 24, 24), patch=(12, 12, 12), NUM_REGISTERS=4))
+    assert isinstance(m, VisionTransformer3D) and m.embed_dim == 768 and m.num_layers == 12
+    assert m.blocks[0].norm1.eps == 1e-5 and m.blocks[-1].norm2.eps == 1e-5 and m.norm.eps == 1e-6
+    keys = build_backbone(vit_cfg("segresnet", FEATURE_SIZE=4, NORM="instance")).state_dict()
+    assert any(k.endswith("norm1.weight") for k in keys) and not any(k.endswith("running_mean") for k in keys)
+    keys = build_backbone(vit_cfg("segresnet", FEATURE_SIZE=4)).state_dict()
+    assert any(k.endswith("norm1.running_mean") for k in keys)
+
+
+def test_input_orientation_codes_are_checked():
+    from config import ConfigError, validate
+    from models.names import orientation_axes
+
+    assert orientation_axes("SPL") == ((2, 1, 0), (False, True, True))
+    assert orientation_axes("ras") == ((0, 1, 2), (False, False, False))
+    cfg = vit_cfg("segresnet", INPUT_ORIENTATION="SPX")
+    with pytest.raises(ConfigError, match="MODEL.INPUT_ORIENTATION.*'SPX'"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match="ViTs take RAS input only"):
+        validate(vit_cfg("vit_tiny", INPUT_ORIENTATION="SPL"))
