@@ -108,7 +108,7 @@ class Segmenter(nn.Module):
             raise ValueError("the batch has no 'target': segmentation reads the manifests' mask_path "
                              "(data.views.segment.SegmentView)")
         out = self.net(batch["image"])
-        target = batch["target"]
+        target = batch["target"].float()  # DeepSupervisionLoss resizes it (nearest), which needs floats
         if isinstance(out, (list, tuple)):
             loss = self.loss_fn([o.float() for o in out], target)
         else:
