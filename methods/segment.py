@@ -107,7 +107,15 @@ class Segmenter(nn.Module):
         if "target" not in batch:
             raise ValueError("the batch has no 'target': segmentation reads the manifests' mask_path "
                              "(data.views.segment.SegmentView)")
-        out = self.net(batch["image"])
+        try:
+            out = self.net(batch["image"])
+        except ValueError as e:
+            if "Expected more than 1 value per channel" in str(e):
+                raise ValueError(f"{type(self.net.encoder).__name__} cannot train its BatchNorm on a batch of "
+                                 f"{batch['image'].shape[0]} crop(s) of {list(batch['image'].shape[2:])}: its deepest "
+                                 "feature map holds one value per channel. Raise DATA.BATCH_SIZE above 1, use a larger "
+                                 "DATA.ROI, or DOWNSTREAM.MODE linear (BatchNorm statistics frozen)") from e
+            raise
         target = batch["target"].float()  # DeepSupervisionLoss resizes it (nearest), which needs floats
         if isinstance(out, (list, tuple)):
             loss = self.loss_fn([o.float() for o in out], target)

@@ -184,7 +184,7 @@ def test_config_refuses_bad_segmentation_settings(phantom, tmp_path):
 def test_two_processes_score_every_test_case_once(phantom, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "main_downstream.py")] + opts(phantom, out, "DATA.BATCH_SIZE", "1")
+           str(ROOT / "main_downstream.py")] + opts(phantom, out)
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
