@@ -192,3 +192,41 @@ def test_two_processes_score_every_test_case_once(phantom, tmp_path):
     assert len(rows) == len({(r["id"], r["value"]) for r in rows})
     log = (out / "log.txt").read_text()
     assert "on 2 process(es)" in log and log.count("test segmentation (Dice") == 1
+
+
+TOTALSEG = ROOT.parent / "shared" / "data" / "totalseg"
+
+
+@pytest.mark.skipif(not (TOTALSEG / "example_ct_sm.nii.gz").is_file(), reason="../shared/data/totalseg not present")
+def test_real_abdomen_ct_with_41_structures(tmp_path):
+    """A real 3 mm CT and its TotalSegmentator labels: read together, trained a few steps on three organs at
+    6 mm, predicted by sliding windows and written back on the source grid with its affine."""
+    from data.masks import labels_to_grid
+    img, seg = TOTALSEG / "example_ct_sm.nii.gz", TOTALSEG / "example_seg.nii.gz"
+    classes = [5, 20, 1]  # the three largest structures of this scan
+    (tmp_path / "m.csv").write_text("img_path,id,mask_path\n" + "".join(f"{img},{k},{seg}\n" for k in ("a", "b")))
+    (tmp_path / "t.csv").write_text(f"img_path,id,mask_path\n{img},ct,{seg}\n")
+    cfg = get_defaults()
+    cfg.DATA.SPACING, cfg.DOWNSTREAM.SEG_CLASSES = [6.0, 6.0, 6.0], classes
+    ds = VolumeDataset(Manifest.read(tmp_path / "t.csv"), cfg, SegmentView(cfg, False), masks=True)
+    hu, meta = ds.load(0)
+    assert hu.shape == meta["mask"].shape  # the labels on the image's preprocessed grid
+    src = nib.load(seg)
+    ref = np.asarray(src.dataobj)
+    back = labels_to_grid(np.asarray(meta["mask"]), meta["affine"], ref.shape, src.affine)
+    for v in classes:  # nearest neighbour to 6 mm and back keeps the large organs in place
+        assert dice(back == v, ref == v) > 0.75
+    out = tmp_path / "run"
+    main_downstream.main(["--opts", "OUTPUT", str(out), "DATA.TRAIN_CSV", str(tmp_path / "m.csv"),
+                          "DATA.TEST_CSV", str(tmp_path / "t.csv"), "DATA.SPACING", "[6.0, 6.0, 6.0]",
+                          "DATA.ROI", "[32, 32, 16]", "DATA.WINDOWS", "['soft_tissue']", "DATA.NUM_WORKERS", "0",
+                          "DATA.BATCH_SIZE", "2", "MODEL.NAME", "segresnet", "MODEL.FEATURE_SIZE", "4",
+                          "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.BASE_LR", "0.1",
+                          "DOWNSTREAM.BOOTSTRAP", "20", "DOWNSTREAM.TASK", "segment",
+                          "DOWNSTREAM.SEG_CLASSES", str(classes)])
+    pred = nib.load(out / "predictions" / "ct.nii.gz")
+    assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, *classes}
+    rows = list(csv.DictReader(open(out / "per_case.csv")))
+    assert [int(r["value"]) for r in rows] == classes
+    assert float(rows[0]["ref_ml"]) == pytest.approx((ref == 5).sum() * 27 / 1000, rel=1e-5)  # 6 digits in the CSV
