@@ -267,15 +267,32 @@ def train_and_evaluate(cfg, manifests: dict, frozen: bool) -> Optional[dict]:
     return metrics
 
 
-def fewshot_rows(n: int, k: int, seed: int) -> np.ndarray:
-    """``k`` of ``n`` training rows drawn without replacement by ``seed`` (sorted)."""
-    if k > n:
-        raise ConfigError(f"DOWNSTREAM.FEW_SHOT_K = {k} labelled volumes, but the training manifest has {n}")
-    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+def labelled_rows(cfg, m: Manifest) -> np.ndarray:
+    """Rows of ``m`` whose mask holds at least one ``DOWNSTREAM.SEG_CLASSES`` value (bad masks: see check_classes)."""
+    ds = VolumeDataset(m, cfg, SegmentView(cfg, train=False), masks=True)
+    keep = []
+    for i in range(len(m)):
+        try:
+            if set(mask_values(ds, i)) & set(cfg.DOWNSTREAM.SEG_CLASSES):
+                keep.append(i)
+        except BadInputError:
+            if cfg.DATA.ON_ERROR != "skip":
+                raise
+    return np.asarray(keep, dtype=np.int64)
+
+
+def fewshot_rows(candidates: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """``k`` of the ``candidates`` (row indices) drawn without replacement by ``seed`` (sorted)."""
+    candidates = np.asarray(candidates, dtype=np.int64)
+    if k > len(candidates):
+        raise ConfigError(f"DOWNSTREAM.FEW_SHOT_K = {k} labelled volumes, but only {len(candidates)} training masks "
+                          "hold a DOWNSTREAM.SEG_CLASSES value")
+    return np.sort(np.random.default_rng(seed).choice(candidates, size=k, replace=False))
 
 
 def run_fewshot(cfg, manifests: dict) -> Optional[dict]:
-    """FEW_SHOT_SEEDS draws of FEW_SHOT_K labelled volumes, each a run in OUTPUT/seed_<s>/; mean and std."""
+    """FEW_SHOT_SEEDS draws of FEW_SHOT_K labelled volumes (masks holding a class; healthy scans are not drawn),
+    each a run in OUTPUT/seed_<s>/; mean and std over the seeds."""
     from downstream.run import seed_config
     from evaluation.metrics import write_metrics_json
     from evaluation.report import summarize_seeds
@@ -285,8 +302,9 @@ def run_fewshot(cfg, manifests: dict) -> Optional[dict]:
         save_config(cfg, cfg.OUTPUT)
     seeds = [cfg.SEED + i for i in range(d.FEW_SHOT_SEEDS)]
     results = []
+    candidates = labelled_rows(cfg, manifests["train"])
     for s in seeds:
-        rows = fewshot_rows(len(manifests["train"]), d.FEW_SHOT_K, s)
+        rows = fewshot_rows(candidates, d.FEW_SHOT_K, s)
         c = seed_config(cfg, s, len(rows))
         done = os.path.join(c.OUTPUT, "metrics.json")
         if os.path.isfile(done):  # finished before a requeue

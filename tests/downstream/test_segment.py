@@ -176,9 +176,10 @@ def test_config_refuses_bad_segmentation_settings(phantom, tmp_path):
                          (["DOWNSTREAM.SEG_OVERLAP", "1.0"], "SEG_OVERLAP")):
         with pytest.raises(ConfigError, match=match):
             main_downstream.main(opts(phantom, tmp_path / "x", *extra))
-    assert list(fewshot_rows(10, 3, 0)) == sorted(set(fewshot_rows(10, 3, 0)))
-    with pytest.raises(ConfigError, match="FEW_SHOT_K = 11"):
-        fewshot_rows(10, 11, 0)
+    draw = fewshot_rows(np.arange(2, 12), 3, 0)
+    assert len(set(draw)) == 3 and list(draw) == sorted(draw) and draw.min() >= 2
+    with pytest.raises(ConfigError, match="FEW_SHOT_K = 11 labelled volumes, but only 10"):
+        fewshot_rows(np.arange(10), 11, 0)
 
 
 def test_two_processes_score_every_test_case_once(phantom, tmp_path):
@@ -230,3 +231,25 @@ def test_real_abdomen_ct_with_41_structures(tmp_path):
     rows = list(csv.DictReader(open(out / "per_case.csv")))
     assert [int(r["value"]) for r in rows] == classes
     assert float(rows[0]["ref_ml"]) == pytest.approx((ref == 5).sum() * 27 / 1000, rel=1e-5)  # 6 digits in the CSV
+
+
+def test_fewshot_draws_k_labelled_volumes_per_seed(phantom, tmp_path):
+    out = tmp_path / "fs"
+    summary = main_downstream.main(opts(phantom, out, "DOWNSTREAM.MODE", "fewshot", "DOWNSTREAM.FEW_SHOT_K", "2",
+                                        "DOWNSTREAM.FEW_SHOT_SEEDS", "2", "DOWNSTREAM.FEW_SHOT_BASE", "finetune",
+                                        "DATA.VAL_CSV", ""))
+    train = Manifest.read(phantom / "train.csv")
+    drawn = []
+    for s in (0, 1):
+        rows = Manifest.read(out / f"seed_{s}" / "fewshot_train.csv")
+        assert len(rows) == 2 and set(rows.ids) <= set(train.ids)
+        for path in rows.masks:  # only scans whose mask holds a class are drawn
+            assert np.isin(np.asarray(nib.load(path).dataobj), CLASSES).any()
+        drawn.append(list(rows.ids))
+        check_outputs(out / f"seed_{s}", phantom)
+    labelled = [i for i, p in enumerate(train.masks) if np.isin(np.asarray(nib.load(p).dataobj), CLASSES).any()]
+    assert drawn == [[train.ids[i] for i in fewshot_rows(np.array(labelled), 2, s)] for s in (0, 1)]
+    per_seed = [json.load(open(out / f"seed_{s}" / "metrics.json"))["test"]["macro"]["dice"] for s in (0, 1)]
+    assert summary["test"]["macro"]["dice_mean"] == pytest.approx(np.mean(per_seed))
+    assert summary["test"]["macro"]["n_seeds"] == 2 and summary["seeds"] == [0, 1]
+    assert json.load(open(out / "metrics.json"))["seeds"] == [0, 1]
