@@ -200,6 +200,9 @@ def predict_test(cfg, method: Segmenter, m: Manifest, device: torch.device) -> t
     if bad and dist.is_main():
         from data.io import write_skipped
         write_skipped(os.path.join(cfg.OUTPUT, "skipped.csv"), bad)
+    # under DATA.ON_ERROR skip a bad row's replacement may have been read on two ranks: each case once
+    rows = list({(r["index"], r["class"]): r for r in rows}.values())
+    figs = list({f["index"]: f for f in figs}.values())
     rows.sort(key=lambda r: (r["index"], names.index(r["class"])))
     figs.sort(key=lambda f: f["index"])
     return rows, figs

@@ -68,3 +68,35 @@ def test_per_case_csv_and_figure(tmp_path):
     m[2:5, 2:5] = True
     plot_cases(str(tmp_path / "f.png"), [{"id": "s1", "image": np.random.rand(8, 8), "ref": m, "pred": m.T}])
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_dice_comparison(tmp_path):
+    from evaluation.compare_segmentation import compare_per_case, format_comparison, paired_dice
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.3, 0.7, 30)
+    better = paired_dice(base + 0.1 + rng.normal(0, 0.01, 30), base, n_bootstrap=500)
+    assert better["diff"] == pytest.approx(0.1, abs=0.01) and better["significant"]
+    assert better["ci95"][0] > 0 and better["p_value"] < 1e-4
+    noise = paired_dice(base + rng.normal(0, 0.05, 30), base, n_bootstrap=500)
+    assert not noise["significant"] and noise["ci95"][0] < 0 < noise["ci95"][1]
+    same = paired_dice(base, base)
+    assert same["diff"] == 0 and same["p_value"] is None and not same["significant"]
+    # two per_case.csv files: matched by (id, class); macro = per-case mean over classes
+    for name, shift in (("a", 0.2), ("b", 0.0)):
+        rows = [{"id": f"s{i}", "class": c, "value": v, "dice": min(1.0, base[i] + shift * (c == "class_1")),
+                 "hd95": 1.0, "ref_ml": 1.0, "pred_ml": 1.0} for i in range(30) for c, v in (("class_1", 1),
+                                                                                          ("class_2", 2))]
+        (tmp_path / name).mkdir()
+        write_per_case(str(tmp_path / name / "per_case.csv"), rows)
+    r = compare_per_case(str(tmp_path / "a" / "per_case.csv"), str(tmp_path / "b" / "per_case.csv"),
+                         name_a="pretrained", name_b="random")
+    assert r["class_1"]["significant"] and r["class_2"]["diff"] == 0 and not r["class_2"]["significant"]
+    assert r["macro"]["diff"] == pytest.approx(r["class_1"]["diff"] / 2, abs=1e-6)
+    assert r["class_1"]["sentence"].startswith("pretrained is significantly better than random")
+    assert "cannot tell" in r["class_2"]["sentence"] and "macro" in format_comparison(r)
+    rows = list(csv.DictReader(open(tmp_path / "b" / "per_case.csv")))[:-1]
+    (tmp_path / "c").mkdir()
+    write_per_case(str(tmp_path / "c" / "per_case.csv"), [{**r, **{k: float(r[k]) for k in ("dice", "hd95", "ref_ml",
+                                                                                           "pred_ml")}} for r in rows])
+    with pytest.raises(ValueError, match="different \\(case, class\\) pairs"):
+        compare_per_case(str(tmp_path / "a" / "per_case.csv"), str(tmp_path / "c" / "per_case.csv"))
