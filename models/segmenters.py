@@ -185,7 +185,8 @@ class ResNetSegmenter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(s % 32 for s in x.shape[2:]):
-            raise ValueError(f"resnet segmentation needs input sizes divisible by 32 (DATA.ROI); got {list(x.shape[2:])}")
+            raise ValueError(f"resnet segmentation needs input sizes divisible by 32 (DATA.ROI); got "
+                             f"{list(x.shape[2:])}")
         e = self.encoder
         s0 = e.act(e.bn1(e.conv1(x)))  # 1/2
         s1 = e.layer1(e.maxpool(s0) if not e.no_max_pool else s0)  # 1/4

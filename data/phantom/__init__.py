@@ -51,7 +51,8 @@ from data.phantom.scanner import Pose, Scan, sample_pose, sample_scan
 
 __all__ = [
     "Anatomy", "COORD_COLUMNS", "CSV_COLUMNS", "FOV_MM", "LABEL_COLUMNS", "LESION_BITS", "LESION_KINDS",
-    "LESION_VALUES", "Lesion", "OVERRIDE_KEYS", "Pose", "SECOND_SERIES_PROB", "SUBTYPES", "SUBTYPE_PROB", "Scan", "main",
+    "LESION_VALUES", "Lesion", "OVERRIDE_KEYS", "Pose", "SECOND_SERIES_PROB", "SUBTYPES", "SUBTYPE_PROB", "Scan",
+    "main",
     "make_phantom", "phantom_affine", "plan_dataset", "render", "sample_anatomy", "sample_lesion_kinds",
     "sample_lesions", "sample_pose", "sample_scan", "save_nifti", "spacing_for_size", "tissue_masks_of",
     "write_dataset",
