@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 EDITABLE := $(VENV)/.editable
 DEMO_DIR ?= outputs/demo
 
-.PHONY: install test lint demo clean-demo
+.PHONY: install test lint demo demo-segment clean-demo
 
 install: $(STAMP) $(EDITABLE)
 
@@ -32,6 +32,9 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	bash tools/demo.sh $(DEMO_DIR)
+
+demo-segment: $(STAMP)  # after make demo: its MAE encoder as a segmenter, against a random one
+	bash tools/demo_segment.sh $(DEMO_DIR)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -172,7 +172,20 @@ _C.DOWNSTREAM.FEATURE_CACHE = False  # linear mode: extract features once, fit s
 _C.DOWNSTREAM.FEW_SHOT_K = 8  # positives (and as many negatives) per label and seed
 _C.DOWNSTREAM.FEW_SHOT_SEEDS = 5  # number of few-shot draws (seeds SEED .. SEED+N-1)
 _C.DOWNSTREAM.FEW_SHOT_BASE = "linear"  # how each few-shot draw is trained: 'linear' | 'finetune'
-_C.DOWNSTREAM.BOOTSTRAP = 1000  # bootstrap resamples for AUROC 95% CIs
+_C.DOWNSTREAM.BOOTSTRAP = 1000  # bootstrap resamples for AUROC 95% CIs (and Dice / HD95 CIs over cases)
+# 'classify' (labels per scan) | 'segment' (a label map per scan from the manifest's mask_path column;
+# a decoder around the encoder: docs/downstream.md#segmentation)
+_C.DOWNSTREAM.TASK = "classify"
+# segmentation: the mask_path label values that become classes 1..K, in this order (others -> background 0)
+_C.DOWNSTREAM.SEG_CLASSES = []
+# decoder width of the ViT (UNETR-style) and ResNet (U-Net) decoders; Swin's and SegResNet's decoders take
+# the encoder's width (MODEL.FEATURE_SIZE) as SwinUNETR and SegResNetDS do. 16 as UNETR's default
+_C.DOWNSTREAM.SEG_DECODER_WIDTH = 16
+# training crops: probability that a crop is centred on a voxel of a foreground class (drawn uniformly among
+# the classes the scan holds; as RandCropByLabelClassesd), else anywhere: small lesions are seen often
+_C.DOWNSTREAM.SEG_FOREGROUND_PROB = 0.67
+_C.DOWNSTREAM.SEG_OVERLAP = 0.5  # sliding-window inference: overlap of neighbouring DATA.ROI windows (0 <= . < 1)
+_C.DOWNSTREAM.SEG_SW_BATCH = 2  # sliding-window inference: windows per forward pass (memory grows with it)
 
 
 PRESET_WINDOWS = ("brain", "subdural", "stroke", "bone", "soft_tissue")
@@ -191,6 +204,7 @@ CHOICES = {
     "DOWNSTREAM.HEAD": ("linear", "attentive"),
     "DOWNSTREAM.IMBALANCE": ("pos_weight", "balanced_sampler", "none"),
     "DOWNSTREAM.FEW_SHOT_BASE": ("linear", "finetune"),
+    "DOWNSTREAM.TASK": ("classify", "segment"),
 }
 NON_NEGATIVE = ("MODEL.FEATURE_SIZE", "TRAIN.EPOCHS", "TRAIN.WARMUP_EPOCHS", "TRAIN.SAVE_EVERY", "TRAIN.SAVE_MINUTES",
                 "TRAIN.CLIP_GRAD", "DATA.NUM_WORKERS", "DATA.TIMEOUT", "DOWNSTREAM.SAMPLES_PER_EPOCH", "TRAIN.BASE_LR",
@@ -199,10 +213,11 @@ NON_NEGATIVE = ("MODEL.FEATURE_SIZE", "TRAIN.EPOCHS", "TRAIN.WARMUP_EPOCHS", "TR
                 "DINO.KOLEO_WEIGHT", "DINO.IBOT_WEIGHT", "MONITOR.NUM_SCANS")
 POSITIVE = ("DATA.BATCH_SIZE", "TRAIN.ACCUM_STEPS", "TRAIN.LOG_EVERY", "TRAIN.EVAL_EVERY", "TRAIN.MAX_SKIPPED_STEPS",
             "DOWNSTREAM.FEW_SHOT_K", "DOWNSTREAM.FEW_SHOT_SEEDS", "DINO.GLOBAL_CROPS", "DINO.OUT_DIM",
-            "SIMCLR.TEMPERATURE", "SIMCLR.PATCHES_PER_SCAN", "DOWNSTREAM.BOOTSTRAP")
+            "SIMCLR.TEMPERATURE", "SIMCLR.PATCHES_PER_SCAN", "DOWNSTREAM.BOOTSTRAP",
+            "DOWNSTREAM.SEG_DECODER_WIDTH", "DOWNSTREAM.SEG_SW_BATCH")
 FRACTIONS = ("MAE.MASK_RATIO", "DATA.MAX_BAD_FRACTION", "MODEL.MIN_LOADED_FRACTION",
              "SIMCLR.INPAINT_MASK_RATIO", "DINO.CENTER_MOMENTUM",
-             "MONITOR.RANK_WARN_FRACTION")
+             "MONITOR.RANK_WARN_FRACTION", "DOWNSTREAM.SEG_FOREGROUND_PROB")
 
 
 class ConfigError(ValueError):
@@ -296,6 +311,17 @@ def validate(cfg: CN) -> None:
     if cfg.DOWNSTREAM.FEATURE_CACHE and cfg.DOWNSTREAM.MODE == "finetune":
         raise ConfigError("DOWNSTREAM.FEATURE_CACHE = True needs a frozen backbone, but DOWNSTREAM.MODE = "
                           "'finetune'; use 'linear' (or 'fewshot' with FEW_SHOT_BASE 'linear')")
+    if cfg.DOWNSTREAM.TASK == "segment":
+        classes = list(cfg.DOWNSTREAM.SEG_CLASSES)
+        if not classes or any(not isinstance(c, int) or isinstance(c, bool) or c <= 0 for c in classes) \
+                or len(set(classes)) != len(classes):
+            raise ConfigError(f"DOWNSTREAM.SEG_CLASSES = {classes}; DOWNSTREAM.TASK segment needs distinct positive "
+                              "integer label values of the masks (e.g. [1, 2]); 0 is the background")
+        if cfg.DOWNSTREAM.FEATURE_CACHE:
+            raise ConfigError("DOWNSTREAM.FEATURE_CACHE = True fits a logistic regression on pooled features; "
+                              "DOWNSTREAM.TASK segment trains a decoder (FEATURE_CACHE False)")
+        if not 0 <= cfg.DOWNSTREAM.SEG_OVERLAP < 1:
+            raise ConfigError(f"DOWNSTREAM.SEG_OVERLAP = {cfg.DOWNSTREAM.SEG_OVERLAP!r}; it must lie in [0, 1)")
 
 
 def _load_yaml_with_base(path: str) -> CN:

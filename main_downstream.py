@@ -11,6 +11,8 @@ trains each draw as FEW_SHOT_BASE into OUTPUT/seed_<s>/. Every run writes predic
 metrics.json (thresholds by Youden's J on validation, AUROC with bootstrap CIs, patient level with
 DOWNSTREAM.GROUP_COLUMN) and roc_pr.png beside the engine's files, and prints a results table.
 The run itself is downstream/run.py; the view is methods/registry.py's DOWNSTREAM_VIEW.
+DOWNSTREAM.TASK segment trains a decoder around the encoder on the manifests' mask_path label maps
+instead (downstream/segment.py): predictions/<id>.nii.gz on the source grid, per_case.csv, metrics.json.
 """
 import sys
 from typing import Optional

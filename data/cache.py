@@ -5,6 +5,8 @@ Layout::
     DATA.CACHE_DIR/<key>/params.json           the preprocessing parameters behind <key>
     DATA.CACHE_DIR/<key>/ab/abcdef....npy      int16 HU [X, Y, Z], uncompressed (np.load mmap_mode="r")
     DATA.CACHE_DIR/<key>/ab/abcdef....json     sidecar: source, spacing, shape, affine, parameters
+    DATA.CACHE_DIR/<key>/ab/abcdef..._<m>.mask.npy   label map of a manifest mask_path on the image's grid
+    DATA.CACHE_DIR/<key>/ab/abcdef..._<m>.mask.json  its sidecar: mask source, shape, dtype, label values present
     DATA.CACHE_DIR/<key>/skipped.csv           path, reason of inputs refused under DATA.ON_ERROR skip
 
 ``<key>`` hashes every preprocessing parameter (:func:`preprocess_params`: spacing, head threshold,
@@ -13,6 +15,11 @@ and never reuses stale arrays. An entry's file name hashes the resolved source p
 that list the same file share its entry. An entry counts as done when its sidecar exists: the array
 is written first, each through a temporary file and ``os.replace``, so an interrupted run leaves no
 half-written entry and simply resumes.
+
+A segmentation manifest's masks are stored beside their images (``<m>`` hashes the mask's resolved
+path): the labels went through the same orientation, head crop and grid as the image
+(:func:`data.masks.preprocess_pair`, nearest neighbour), as uint8 (int16 above 255). The values each
+mask holds are in its sidecar, so checking ``DOWNSTREAM.SEG_CLASSES`` reads no array.
 """
 from __future__ import annotations
 
@@ -84,10 +91,20 @@ def entry_path(root: PathLike, source: PathLike) -> Path:
     return Path(root) / name[:2] / f"{name}.npy"
 
 
-def is_done(root: PathLike, source: PathLike) -> bool:
-    """True when the entry's sidecar (written last) and array exist."""
+def mask_entry_path(root: PathLike, source: PathLike, mask: PathLike) -> Path:
+    """The ``.mask.npy`` of the label map ``mask`` of image ``source`` (beside the image's entry)."""
+    name = entry_name(source)
+    return Path(root) / name[:2] / f"{name}_{entry_name(mask)[:12]}.mask.npy"
+
+
+def is_done(root: PathLike, source: PathLike, mask: PathLike = "") -> bool:
+    """True when the entry's sidecar (written last) and array exist (and the mask's, when given)."""
     npy = entry_path(root, source)
-    return os.path.exists(sidecar_path(npy)) and npy.exists()
+    done = os.path.exists(sidecar_path(npy)) and npy.exists()
+    if done and mask:
+        m = mask_entry_path(root, source, mask)
+        done = os.path.exists(sidecar_path(m)) and m.exists()
+    return done
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
@@ -135,6 +152,39 @@ def write_entry(root: PathLike, source: PathLike, vol: Volume, params: dict) -> 
     return npy
 
 
+def write_mask_entry(root: PathLike, source: PathLike, mask: PathLike, labels: np.ndarray) -> Path:
+    """Store a label map (on the image entry's grid) and its sidecar, atomically; returns the ``.npy``."""
+    npy = mask_entry_path(root, source, mask)
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    values = np.unique(labels)
+    if values.size and (values.min() < 0 or values.max() > 32767):
+        raise BadInputError(mask, f"label values {values.min()}..{values.max()} outside 0..32767")
+    arr = labels.astype(np.uint8 if values.size == 0 or values.max() < 256 else np.int16)
+    _atomic_write_bytes(npy, lambda f: np.save(f, arr))
+    meta = {"source": os.path.abspath(os.path.expanduser(str(source))),
+            "mask": os.path.abspath(os.path.expanduser(str(mask))), "shape": list(arr.shape),
+            "dtype": str(arr.dtype), "values": [int(v) for v in values]}
+    blob = json.dumps(meta, indent=1).encode()
+    _atomic_write_bytes(Path(sidecar_path(npy)), lambda f: f.write(blob))
+    return npy
+
+
+def read_mask_entry(root: PathLike, source: PathLike, mask: PathLike) -> tuple[np.ndarray, list[int]]:
+    """The cached label map of ``mask`` (memory map) and the label values it holds.
+
+    Raises:
+        BadInputError: naming the mask when it is not in the cache.
+    """
+    npy = mask_entry_path(root, source, mask)
+    side = sidecar_path(npy)
+    if not os.path.exists(side):
+        raise BadInputError(mask, f"mask not in the preprocessing cache (expected {npy}); run tools/preprocess.py "
+                                  "--cfg ... with the same DATA settings and manifests first")
+    with open(side) as f:
+        meta = json.load(f)
+    return np.load(npy, mmap_mode="r"), list(meta["values"])
+
+
 def skipped_reasons(root: PathLike) -> dict[str, str]:
     """``{source: reason}`` of the inputs refused when this cache was built."""
     return read_skipped(Path(root) / SKIPPED_CSV)
@@ -163,23 +213,33 @@ def read_entry(root: PathLike, source: PathLike, skipped: Optional[dict[str, str
     return read_volume(npy)
 
 
-def preprocess_one(source: str, root: str, params: dict) -> tuple[str, str, str]:
-    """Read, preprocess and store one volume (runs in a worker process).
+def preprocess_one(source: str, root: str, params: dict, mask: str = "") -> tuple[str, str, str]:
+    """Read, preprocess and store one volume and, when given, its label map (runs in a worker process).
 
     Returns:
-        ``(status, source, reason)``: status ``'done'`` or ``'bad'`` (reason = BadInputError's).
+        ``(status, source, reason)``: status ``'done'`` or ``'bad'`` (reason = BadInputError's; a bad mask is
+        named in it).
     """
+    from data.masks import align_mask, preprocess_pair, read_mask
     try:
         vol = read_volume(source)
         try:
-            out = preprocess_volume(vol, params["spacing"], params["head_threshold"],
-                                    params["head_margin_mm"], params["head_opening_mm"])
+            head = dict(margin_mm=params["head_margin_mm"], opening_mm=params["head_opening_mm"])
+            if mask:
+                labels = align_mask(read_mask(mask, f"mask of {source}"), vol, mask, f"mask of {source}")
+                out, labels = preprocess_pair(vol, labels, params["spacing"], params["head_threshold"], **head)
+            else:
+                out = preprocess_volume(vol, params["spacing"], params["head_threshold"], **head)
         except ValueError as e:  # e.g. nothing above the head threshold
+            if isinstance(e, BadInputError):
+                raise
             raise BadInputError(source, f"preprocessing failed: {e}") from None
         write_entry(root, source, out, params)
+        if mask:
+            write_mask_entry(root, source, mask, labels)
         return "done", source, ""
     except BadInputError as e:
-        return "bad", source, e.reason
+        return "bad", source, e.reason if e.path == source else str(e)
 
 
 def manifest_sources(cfg, csv_paths: Optional[Sequence[PathLike]] = None) -> list[str]:
@@ -194,6 +254,22 @@ def manifest_sources(cfg, csv_paths: Optional[Sequence[PathLike]] = None) -> lis
     for p in csv_paths:
         for s in Manifest.read(p, root=cfg.DATA.ROOT).paths:
             seen.setdefault(s)
+    return list(seen)
+
+
+def manifest_pairs(cfg, csv_paths: Optional[Sequence[PathLike]] = None) -> list[tuple[str, str]]:
+    """Unique ``(image, mask)`` resolved paths of the manifests (mask '' when a manifest has none)."""
+    from data.manifest import Manifest
+
+    if csv_paths is None:
+        csv_paths = [p for p in (cfg.DATA.TRAIN_CSV, cfg.DATA.VAL_CSV, cfg.DATA.TEST_CSV) if p]
+    if not csv_paths:
+        raise ValueError("no manifest: set DATA.TRAIN_CSV, DATA.VAL_CSV or DATA.TEST_CSV")
+    seen: dict[tuple[str, str], None] = {}
+    for p in csv_paths:
+        m = Manifest.read(p, root=cfg.DATA.ROOT)
+        for i, s in enumerate(m.paths):
+            seen.setdefault((s, m.masks[i] if m.masks is not None else ""))
     return list(seen)
 
 
@@ -230,9 +306,9 @@ def preprocess_manifests(cfg, csv_paths: Optional[Sequence[PathLike]] = None,
     root.mkdir(parents=True, exist_ok=True)
     params = preprocess_params(cfg)
     _atomic_write_bytes(root / "params.json", lambda f: f.write(json.dumps(params, indent=1).encode()))
-    sources = manifest_sources(cfg, csv_paths)
-    total = len(sources)
-    todo = [s for s in sources if not is_done(root, s)]
+    pairs = manifest_pairs(cfg, csv_paths)
+    total = len(pairs)
+    todo = [(s, m) for s, m in pairs if not is_done(root, s, m)]
     already = total - len(todo)
     workers = cfg.DATA.NUM_WORKERS if num_workers is None else num_workers
     skip = cfg.DATA.ON_ERROR == "skip"
@@ -267,8 +343,8 @@ def preprocess_manifests(cfg, csv_paths: Optional[Sequence[PathLike]] = None,
 
     try:
         if workers <= 0:
-            for s in todo:
-                handle(preprocess_one(s, str(root), params))
+            for s, m in todo:
+                handle(preprocess_one(s, str(root), params, m))
         else:
             _run_pool(todo, str(root), params, workers, handle)
     finally:
@@ -276,7 +352,8 @@ def preprocess_manifests(cfg, csv_paths: Optional[Sequence[PathLike]] = None,
             bar.close()
         if skip:
             # inputs that failed before but are now done leave the list; unseen ones stay
-            old = {p: r for p, r in skipped_reasons(root).items() if not is_done(root, p)}
+            mask_of = dict(pairs)
+            old = {p: r for p, r in skipped_reasons(root).items() if not is_done(root, p, mask_of.get(p, ""))}
             old.update(bad)
             write_skipped(root / SKIPPED_CSV, old.items(), replace=True)
     seconds = time.perf_counter() - t0
@@ -294,7 +371,7 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _run_pool(todo: list[str], root: str, params: dict, workers: int, handle) -> None:
+def _run_pool(todo: list[tuple[str, str]], root: str, params: dict, workers: int, handle) -> None:
     """At most ``4 * workers`` tasks in flight (a 400k-entry manifest is not submitted at once)."""
     it = iter(todo)
     pending: set[Future] = set()
@@ -302,10 +379,10 @@ def _run_pool(todo: list[str], root: str, params: dict, workers: int, handle) ->
         try:
             while True:
                 while len(pending) < 4 * workers:
-                    s = next(it, None)
-                    if s is None:
+                    item = next(it, None)
+                    if item is None:
                         break
-                    pending.add(pool.submit(preprocess_one, s, root, params))
+                    pending.add(pool.submit(preprocess_one, item[0], root, params, item[1]))
                 if not pending:
                     break
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)

@@ -39,13 +39,21 @@ class VolumeDataset(Dataset):
         cfg: the config (SEED, DATA.CACHE_DIR, DATA.SPACING, DATA.HEAD_THRESHOLD, DATA.ON_ERROR,
             DATA.MAX_BAD_FRACTION).
         view: ``view(hu, meta, rng) -> dict[str, Tensor]`` (see :mod:`data.views`).
+        masks: segmentation: read each row's ``mask_path`` too and hand the label map, on the grid of the
+            HU array, to the view as ``meta["mask"]`` (integer ``[X, Y, Z]``); a missing, mismatched or
+            non-integer mask is a bad input of that row (:mod:`data.masks`).
 
     ``__getitem__`` returns the view's dict plus ``"index"`` (int, the row actually read), ``"id"``
     (str), ``"skipped"`` (list of ``(path, reason)``, empty unless rows were skipped) and, when the
     manifest has label columns, ``"label"`` float32 ``[L]`` (NaN = blank).
     """
 
-    def __init__(self, manifest: Manifest, cfg, view: View):
+    def __init__(self, manifest: Manifest, cfg, view: View, masks: bool = False):
+        if masks and manifest.masks is None:
+            from data.manifest import ManifestError
+            raise ManifestError(f"{manifest.source or 'the manifest'}: no mask_path column; segmentation needs a "
+                                "label map per row")
+        self.masks = bool(masks)
         self.manifest = manifest
         self.view = view
         self.seed = int(cfg.SEED)
@@ -72,21 +80,41 @@ class VolumeDataset(Dataset):
             BadInputError: naming the source file.
         """
         path = self.manifest.paths[index]
+        mask_path = self.manifest.masks[index] if self.masks else ""
+        where = self.row_name(index)
+        if self.masks and not mask_path:
+            raise BadInputError(path, f"{where} has no mask_path; segmentation needs a label map per row")
+        labels = None
         if self.cache_root:
             if self._skipped_at_preprocessing is None:
                 self._skipped_at_preprocessing = cache_lib.skipped_reasons(self.cache_root)
             vol = cache_lib.read_entry(self.cache_root, path, self._skipped_at_preprocessing)
+            if mask_path:
+                labels, _ = cache_lib.read_mask_entry(self.cache_root, path, mask_path)
         else:
             vol = read_volume(path)
             try:
-                vol = preprocess_volume(vol, self.spacing, self.head_threshold)
+                if mask_path:
+                    from data.masks import align_mask, preprocess_pair, read_mask
+                    aligned = align_mask(read_mask(mask_path, where), vol, mask_path, where)
+                    vol, labels = preprocess_pair(vol, aligned, self.spacing, self.head_threshold)
+                else:
+                    vol = preprocess_volume(vol, self.spacing, self.head_threshold)
             except ValueError as e:
+                if isinstance(e, BadInputError):
+                    raise
                 raise BadInputError(path, f"preprocessing failed: {e}") from None
         coord = self.manifest.coords[index]
         meta = {"spacing": tuple(vol.spacing), "affine": vol.affine,
                 "coord": None if np.isnan(coord).any() else coord.copy(),
                 "path": path, "id": self.manifest.ids[index]}
+        if self.masks:
+            meta["mask"], meta["mask_path"] = labels, mask_path
         return vol.array, meta
+
+    def row_name(self, index: int) -> str:
+        """``"row 3 (id s03) of train.csv"``: a manifest row as errors name it (1-based data row)."""
+        return f"row {index + 1} (id {self.manifest.ids[index]}) of {self.manifest.source or 'the manifest'}"
 
     def __getitem__(self, key: Union[int, tuple[int, int]]) -> dict[str, Any]:
         index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)

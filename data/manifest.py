@@ -12,6 +12,8 @@ Format (one row per scan)::
 * label columns (the ones asked for): ``0`` / ``1``, blank = unknown (excluded for that label).
 * a group column (optional, e.g. patient): for patient-level splits and metrics.
 * ``coordX, coordY, coordZ`` (optional, all three): a world point in mm (blank = none).
+* ``mask_path`` (optional): an integer label map for segmentation, absolute or relative as ``img_path``
+  (blank = none); read and checked against its image by :mod:`data.masks`.
 
 Other columns are ignored. Errors name the file, the 1-based line of the CSV and the column.
 
@@ -144,12 +146,15 @@ class Manifest:
             scan its own group).
         group_column: name of the group column ('' when none).
         coords: float64 ``[N, 3]`` world mm, NaN when absent.
+        masks: :class:`StringArray` ``[N]`` of absolute ``mask_path`` entries ('' = none), or None when
+            the CSV has no ``mask_path`` column.
         source: the CSV file ('' when built in memory).
     """
 
     def __init__(self, ids: StringArray, paths: StringArray, labels: np.ndarray,
                  label_names: Sequence[str], groups: Optional[StringArray] = None,
-                 coords: Optional[np.ndarray] = None, group_column: str = "", source: str = ""):
+                 coords: Optional[np.ndarray] = None, group_column: str = "", source: str = "",
+                 masks: Optional[StringArray] = None):
         n = len(paths)
         self.ids = ids
         self.paths = paths
@@ -159,7 +164,8 @@ class Manifest:
         self.group_column = group_column
         self.coords = (np.full((n, 3), np.nan) if coords is None else np.asarray(coords, np.float64))
         self.source = str(source)
-        if not (len(ids) == n == len(self.groups) == len(self.coords)):
+        self.masks = masks
+        if not (len(ids) == n == len(self.groups) == len(self.coords)) or (masks is not None and len(masks) != n):
             raise ValueError("manifest arrays differ in length")
 
     # ------------------------------------------------------------------ reading
@@ -214,8 +220,9 @@ class Manifest:
             i_labels = [col[c] for c in label_columns]
             i_group = col.get(group_column) if group_column else None
             i_coords = [col[c] for c in COORD_COLUMNS] if has_coords else []
+            i_mask = col.get("mask_path")
 
-            ids, paths, groups = _Packer(), _Packer(), _Packer()
+            ids, paths, groups, masks = _Packer(), _Packer(), _Packer(), _Packer()
             labels = _Growable(len(label_columns), np.float32)
             coords = _Growable(3, np.float64) if has_coords else None
             first_line: dict[str, int] = {}
@@ -258,6 +265,9 @@ class Manifest:
                         raise ManifestError(f"{where}, column {COORD_COLUMNS[int(np.isnan(xyz).argmax())]!r}: "
                                             "give all three coordinates or none")
                     coords.add(xyz)
+                if i_mask is not None:
+                    m = row[i_mask].strip()
+                    masks.add(resolve_path(m, base) if m else "")
                 ids.add(sid)
                 paths.add(resolve_path(img, base))
                 labels.add(lab)
@@ -268,7 +278,8 @@ class Manifest:
         return cls(ids=id_arr, paths=paths.finish(), labels=labels.finish(), label_names=label_columns,
                    groups=groups.finish() if i_group is not None else None,
                    coords=coords.finish() if coords is not None else None,
-                   group_column=group_column, source=csv_path)
+                   group_column=group_column, source=csv_path,
+                   masks=masks.finish() if i_mask is not None else None)
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -279,9 +290,11 @@ class Manifest:
                 f"group column {self.group_column!r})")
 
     def row(self, i: int) -> dict:
-        """Row ``i`` as a dict: id, img_path, group, one entry per label (float, NaN = blank), coord."""
+        """Row ``i`` as a dict: id, img_path, group, one entry per label (float, NaN = blank), coord,
+        mask_path ('' = none)."""
         i = int(i)
-        d = {"id": self.ids[i], "img_path": self.paths[i], "group": self.groups[i]}
+        d = {"id": self.ids[i], "img_path": self.paths[i], "group": self.groups[i],
+             "mask_path": self.masks[i] if self.masks is not None else ""}
         for j, name in enumerate(self.label_names):
             d[name] = float(self.labels[i, j])
         c = self.coords[i]
@@ -304,7 +317,8 @@ class Manifest:
         return Manifest(ids=self.ids[idx], paths=self.paths[idx], labels=self.labels[idx],
                         label_names=self.label_names,
                         groups=self.groups[idx] if self.group_column else None,
-                        coords=self.coords[idx], group_column=self.group_column, source=self.source)
+                        coords=self.coords[idx], group_column=self.group_column, source=self.source,
+                        masks=self.masks[idx] if self.masks is not None else None)
 
     @property
     def nbytes(self) -> int:
@@ -313,10 +327,11 @@ class Manifest:
         return int(n + (self.groups.nbytes if self.groups is not self.ids else 0))
 
     def write(self, csv_path: PathLike) -> None:
-        """Write the rows as a manifest CSV (absolute paths; img_path, id, group, labels, coords)."""
+        """Write the rows as a manifest CSV (absolute paths; img_path, id, group, labels, coords, mask_path)."""
         cols = ["img_path", "id"] + ([self.group_column] if self.group_column else []) + list(self.label_names)
         has_coords = not np.isnan(self.coords).all()
         cols += list(COORD_COLUMNS) if has_coords else []
+        cols += ["mask_path"] if self.masks is not None else []
         tmp = f"{csv_path}.{os.getpid()}.tmp"
         Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", newline="") as f:
@@ -327,6 +342,8 @@ class Manifest:
                 r += ["" if np.isnan(v) else str(int(v)) for v in self.labels[i]]
                 if has_coords:
                     r += ["" if np.isnan(v) else repr(float(v)) for v in self.coords[i]]
+                if self.masks is not None:
+                    r.append(self.masks[i])
                 w.writerow(r)
         os.replace(tmp, csv_path)
 

@@ -266,12 +266,17 @@ def run_fewshot(cfg, manifests: dict, build_view: ViewBuilder) -> Optional[dict]
 def run_downstream(cfg, build_view: ViewBuilder) -> Optional[dict]:
     """Check the config, start the processes, run ``DOWNSTREAM.MODE``; the metrics (rank 0, else None).
 
+    ``DOWNSTREAM.TASK segment`` runs :func:`downstream.segment.run_segment` instead (``build_view`` unused).
+
     Args:
         cfg: the frozen config.
         build_view: ``build_view(cfg, train)``: the view of a scan for training (True) and for
             evaluation (False, centred and deterministic); ``methods.registry.DOWNSTREAM_VIEW``.
     """
     check_config(cfg)
+    if cfg.DOWNSTREAM.TASK == "segment":
+        from downstream.segment import run_segment
+        return run_segment(cfg)
     dist.init_distributed()
     try:
         manifests = read_manifests(cfg)

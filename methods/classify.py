@@ -230,7 +230,7 @@ def build_classifier(cfg: Any, backbone: nn.Module, train_labels: np.ndarray, fr
 
 
 @torch.no_grad()
-def average_buffers(method: Classifier) -> None:
+def average_buffers(method: nn.Module) -> None:
     """Average the floating-point buffers (BatchNorm running statistics) of the trained parts over ranks.
 
     DDP does not sync buffers at each forward (``engine.trainer.wrap_ddp``), so each rank's running
@@ -241,8 +241,9 @@ def average_buffers(method: Classifier) -> None:
     world = dist.get_world_size()
     if world == 1:
         return
+    frozen_prefix = getattr(method, "backbone_prefix", "backbone.")  # methods.segment.Segmenter: 'net.encoder.'
     for name, buf in method.named_buffers():
-        if not buf.is_floating_point() or name == "pos_weight" or (method.frozen and name.startswith("backbone.")):
+        if not buf.is_floating_point() or name == "pos_weight" or (method.frozen and name.startswith(frozen_prefix)):
             continue
         dist.all_reduce_sum(buf)
         buf.div_(world)

@@ -39,7 +39,7 @@ Modules, in the order they build on each other:
 """
 from data.phantom.anatomy import Anatomy, sample_anatomy, tissue_masks_of
 from data.phantom.cli import main
-from data.phantom.dataset import (COORD_COLUMNS, CSV_COLUMNS, SECOND_SERIES_PROB, make_phantom,
+from data.phantom.dataset import (COORD_COLUMNS, CSV_COLUMNS, LESION_VALUES, SECOND_SERIES_PROB, make_phantom,
                                   plan_dataset, write_dataset)
 from data.phantom.geometry import FOV_MM, phantom_affine, spacing_for_size
 from data.phantom.lesion_sampling import sample_lesion_kinds, sample_lesions
@@ -51,7 +51,8 @@ from data.phantom.scanner import Pose, Scan, sample_pose, sample_scan
 
 __all__ = [
     "Anatomy", "COORD_COLUMNS", "CSV_COLUMNS", "FOV_MM", "LABEL_COLUMNS", "LESION_BITS", "LESION_KINDS",
-    "Lesion", "OVERRIDE_KEYS", "Pose", "SECOND_SERIES_PROB", "SUBTYPES", "SUBTYPE_PROB", "Scan", "main",
+    "LESION_VALUES", "Lesion", "OVERRIDE_KEYS", "Pose", "SECOND_SERIES_PROB", "SUBTYPES", "SUBTYPE_PROB", "Scan",
+    "main",
     "make_phantom", "phantom_affine", "plan_dataset", "render", "sample_anatomy", "sample_lesion_kinds",
     "sample_lesions", "sample_pose", "sample_scan", "save_nifti", "spacing_for_size", "tissue_masks_of",
     "write_dataset",

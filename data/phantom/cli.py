@@ -18,13 +18,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--n", type=int, required=True, help="number of volumes (series)")
     ap.add_argument("--size", type=int, default=64, help="voxels per edge; spacing = 240/size mm (default 64)")
     ap.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
-    ap.add_argument("--masks", action="store_true", help="also write masks/<id>_<lesion>.nii.gz")
+    ap.add_argument("--masks", action="store_true", help=(
+        "also write masks/<id>_<lesion>.nii.gz and one label map per scan, masks/<id>.nii.gz (0 background, IPH 1, "
+        "IVH 2, SDH 3, EDH 4, SAH 5, Fracture 6), named by a mask_path column of the manifests"))
     ap.add_argument("--verbose", action="store_true", help="one line per volume")
     args = ap.parse_args(argv)
     if args.n < 1 or args.size < 16:
         ap.error(f"--n must be >= 1 and --size >= 16 (got --n {args.n} --size {args.size})")
     t0 = time.perf_counter()
-    paths = write_dataset(args.out, args.n, args.size, args.seed, args.masks, args.verbose)
+    paths = write_dataset(args.out, args.n, args.size, args.seed, args.masks, args.verbose, label_maps=args.masks)
     counts = {}
     for split, p in paths.items():
         with open(p) as f:

@@ -16,6 +16,9 @@ from data.phantom.render import render
 from data.phantom.scanner import sample_scan
 
 CSV_COLUMNS = ("img_path", "id", "patient_id") + LABEL_COLUMNS
+# values of the lesion kinds in the label maps (masks/<id>.nii.gz, the manifests' mask_path): 0 background,
+# IPH 1, IVH 2, SDH 3, EDH 4, SAH 5, Fracture 6; where lesions overlap, the later kind in this order wins
+LESION_VALUES = {kind: i + 1 for i, kind in enumerate(LESION_KINDS)}
 # seed point: world-mm centre of the largest lesion (blank for a healthy head), for seed-point crops
 COORD_COLUMNS = ("coordX", "coordY", "coordZ")
 SECOND_SERIES_PROB = 0.35  # fraction of patients with a second (re-scanned) series
@@ -105,14 +108,16 @@ def _seed_point(lmasks: dict[str, np.ndarray], affine: np.ndarray) -> dict[str, 
 
 
 def write_dataset(out_dir: Union[str, Path], n: int, size: int = 64, seed: int = 0,
-                  masks: bool = False, verbose: bool = False) -> dict[str, Path]:
+                  masks: bool = False, verbose: bool = False, label_maps: bool = False) -> dict[str, Path]:
     """Generate ``n`` phantom series and patient-level split manifests.
 
     Writes ``out_dir/images/<id>.nii.gz`` and ``out_dir/{train,val,test}.csv`` with columns
     ``img_path`` (relative to ``out_dir``), ``id``, ``patient_id``, ``ICH``, ``IPH``, ``IVH``,
     ``SDH``, ``EDH``, ``SAH``, ``Fracture``, ``coordX``, ``coordY``, ``coordZ`` (world-mm centre of
     the largest lesion, blank when healthy: seed points for SimCLR's negative_mined mode); with ``masks`` also
-    ``out_dir/masks/<id>_<kind>.nii.gz`` (uint8) for each lesion present.
+    ``out_dir/masks/<id>_<kind>.nii.gz`` (uint8) for each lesion present; with ``label_maps`` also one
+    uint8 label map per scan, ``out_dir/masks/<id>.nii.gz`` (values :data:`LESION_VALUES`, all 0 on a healthy
+    scan), named by a ``mask_path`` column of the manifests (segmentation).
 
     Args:
         out_dir: output folder (created; existing files of the same names are overwritten).
@@ -120,6 +125,7 @@ def write_dataset(out_dir: Union[str, Path], n: int, size: int = 64, seed: int =
         size: voxels per edge (spacing 240 / size mm).
         seed: dataset seed (same seed -> byte-identical files).
         masks: also write lesion masks.
+        label_maps: also write one label map per scan and the ``mask_path`` column.
         verbose: print one line per volume.
 
     Returns:
@@ -131,7 +137,7 @@ def write_dataset(out_dir: Union[str, Path], n: int, size: int = 64, seed: int =
         raise ValueError(f"size must be >= 16, got {size}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    if masks:
+    if masks or label_maps:
         (out / "masks").mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for pat in plan_dataset(int(n), seed):
@@ -151,8 +157,16 @@ def write_dataset(out_dir: Union[str, Path], n: int, size: int = 64, seed: int =
                 for kind in LESION_KINDS:
                     if labels[kind]:
                         save_mask(out / "masks" / f"{sid}_{kind}.nii.gz", lmasks[kind], affine)
-            rows[pat["split"]].append(dict(img_path=f"images/{sid}.nii.gz", id=sid,
-                                           patient_id=pid, **labels, **_seed_point(lmasks, affine)))
+            row = dict(img_path=f"images/{sid}.nii.gz", id=sid, patient_id=pid, **labels,
+                       **_seed_point(lmasks, affine))
+            if label_maps:
+                lab = np.zeros(hu.shape, dtype=np.uint8)
+                for kind in LESION_KINDS:
+                    if kind in lmasks:
+                        lab[lmasks[kind]] = LESION_VALUES[kind]
+                save_mask(out / "masks" / f"{sid}.nii.gz", lab, affine)
+                row["mask_path"] = f"masks/{sid}.nii.gz"
+            rows[pat["split"]].append(row)
             if verbose:
                 pos = [k for k in LESION_KINDS if labels[k]]
                 print(f"{sid} {pat['split']:5s} {' '.join(pos) or '-'}", flush=True)
@@ -160,7 +174,8 @@ def write_dataset(out_dir: Union[str, Path], n: int, size: int = 64, seed: int =
     for split, items in rows.items():
         paths[split] = out / f"{split}.csv"
         with open(paths[split], "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS + COORD_COLUMNS, lineterminator="\n")
+            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS + COORD_COLUMNS + (("mask_path",) if label_maps else ()),
+                               lineterminator="\n")
             w.writeheader()
             w.writerows(sorted(items, key=lambda r: r["id"]))
     return paths

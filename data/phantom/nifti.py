@@ -30,7 +30,7 @@ def save_nifti(path: Union[str, Path], hu: np.ndarray, affine: np.ndarray) -> No
 
 
 def save_mask(path: Path, mask: np.ndarray, affine: np.ndarray) -> None:
-    """Write a bool mask ``[X, Y, Z]`` as uint8 NIfTI (gzip, no timestamp)."""
+    """Write a bool mask or a uint8 label map ``[X, Y, Z]`` as uint8 NIfTI (gzip, no timestamp)."""
     img = nib.Nifti1Image(mask.astype(np.uint8), affine)
     img.header.set_xyzt_units("mm", "sec")
     path.write_bytes(gzip.compress(img.to_bytes(), compresslevel=4, mtime=0))

@@ -1,0 +1,112 @@
+"""Is segmenter A better than segmenter B on the same test cases? Paired Dice comparison.
+
+Both runs' ``per_case.csv`` are matched by ``(id, class)`` (both must hold the same cases and
+classes). For every class and for the macro Dice (per-case mean over classes):
+
+* the mean paired difference ``Dice(A) - Dice(B)`` over cases;
+* a **paired bootstrap** 95% CI: the cases are resampled and the *same* resample scores both models
+  (independent resampling would ignore that both err on the same hard cases);
+* the **Wilcoxon signed-rank** test of the per-case differences (two-sided; cases where both
+  models score the same carry no information and are dropped, ``zero_method="wilcox"``).
+
+A difference is called significant when the CI excludes 0 and p < 0.05; when the two disagree the
+sentence says it is borderline, as :mod:`evaluation.compare` does for AUROC.
+"""
+from __future__ import annotations
+
+import csv
+from typing import Any
+
+import numpy as np
+
+from evaluation.metrics import _percentile_ci
+
+ALPHA = 0.05
+
+
+def read_per_case(path: str) -> dict[tuple[str, str], float]:
+    """``{(id, class): dice}`` of a ``per_case.csv``."""
+    with open(path, newline="") as f:
+        return {(r["id"], r["class"]): float(r["dice"]) for r in csv.DictReader(f)}
+
+
+def paired_dice(a: np.ndarray, b: np.ndarray, n_bootstrap: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Mean of ``a - b`` over cases, its paired bootstrap 95% CI and the Wilcoxon signed-rank p.
+
+    Args:
+        a: ``[N]`` Dice of model A per case.
+        b: ``[N]`` Dice of model B on the same cases.
+        n_bootstrap: case resamples.
+        seed: their seed.
+    """
+    from scipy.stats import wilcoxon
+
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    n = d.size
+    out: dict[str, Any] = {"n_cases": int(n), "dice_a": float(np.mean(a)) if n else None,
+                           "dice_b": float(np.mean(b)) if n else None, "diff": float(d.mean()) if n else None,
+                           "ci95": None, "p_value": None}
+    if n >= 2:
+        idx = np.random.default_rng(seed).integers(0, n, (n_bootstrap, n))
+        out["ci95"] = _percentile_ci(d[idx].mean(axis=1))
+    if np.count_nonzero(d) >= 1:
+        out["p_value"] = float(wilcoxon(d, zero_method="wilcox").pvalue)
+    lo, hi = out["ci95"] or (0.0, 0.0)
+    out["significant"] = bool(out["ci95"]) and (lo > 0 or hi < 0) and out["p_value"] is not None \
+        and out["p_value"] < ALPHA
+    return out
+
+
+def sentence(r: dict[str, Any], name_a: str, name_b: str, what: str = "Dice") -> str:
+    """One plain sentence: which is better, by how much, and whether that is significant."""
+    if r["diff"] is None:
+        return f"{name_a} vs {name_b}: no common cases."
+    lo, hi = r["ci95"] if r["ci95"] else (float("nan"), float("nan"))
+    p = r["p_value"]
+    stats = f"{r['diff']:+.3f} {what}, paired 95% CI [{lo:+.3f}, {hi:+.3f}]" + (
+        f", Wilcoxon p = {p:.3g}" if p is not None else ", identical on every case")
+    if r["significant"]:
+        better, worse = (name_a, name_b) if r["diff"] > 0 else (name_b, name_a)
+        return f"{better} is significantly better than {worse} ({stats})."
+    if (r["ci95"] and (lo > 0 or hi < 0)) or (p is not None and p < ALPHA):
+        return (f"{name_a} vs {name_b}: the difference is borderline ({stats}); the paired bootstrap and the "
+                "Wilcoxon test disagree at 5%, so do not claim it.")
+    return (f"{name_a} vs {name_b}: the difference is not significant ({stats}); these test cases cannot tell "
+            "the two models apart.")
+
+
+def compare_per_case(path_a: str, path_b: str, n_bootstrap: int = 2000, seed: int = 0, name_a: str = "A",
+                     name_b: str = "B") -> dict[str, Any]:
+    """Per class and macro: :func:`paired_dice` of two ``per_case.csv`` plus its sentence.
+
+    Raises:
+        ValueError: when the files do not hold the same (case, class) pairs (names a few).
+    """
+    a, b = read_per_case(path_a), read_per_case(path_b)
+    if a.keys() != b.keys():
+        only_a, only_b = sorted(set(a) - set(b))[:3], sorted(set(b) - set(a))[:3]
+        raise ValueError(f"{path_a} and {path_b} hold different (case, class) pairs: only in A e.g. {only_a}, "
+                         f"only in B e.g. {only_b}")
+    ids = list(dict.fromkeys(k[0] for k in a))
+    classes = list(dict.fromkeys(k[1] for k in a))
+    da = np.array([[a[(i, c)] for c in classes] for i in ids])  # [N, K]
+    db = np.array([[b[(i, c)] for c in classes] for i in ids])
+    out: dict[str, Any] = {}
+    for k, c in enumerate(classes + ["macro"]):
+        xa, xb = (da[:, k], db[:, k]) if c != "macro" else (da.mean(axis=1), db.mean(axis=1))
+        r = paired_dice(xa, xb, n_bootstrap, seed)
+        r["sentence"] = sentence(r, name_a, name_b)
+        out[c] = r
+    return out
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """Table (class, cases, Dice A, Dice B, A - B [CI], p) and the sentences."""
+    lines = [f"{'class':<12} {'cases':>5} {'Dice A':>7} {'Dice B':>7}  {'A - B [paired 95% CI]':<26} {'p':>7}",
+             "-" * 72]
+    for c, r in result.items():
+        ci = f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r["ci95"] else ""
+        p = f"{r['p_value']:.3g}" if r["p_value"] is not None else "-"
+        lines.append(f"{c:<12} {r['n_cases']:>5} {r['dice_a']:>7.3f} {r['dice_b']:>7.3f}  "
+                     f"{r['diff']:+.3f} {ci:<19} {p:>7}")
+    return "\n".join(lines + [""] + [f"{c}: {r['sentence']}" for c, r in result.items()])
