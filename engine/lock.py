@@ -74,13 +74,16 @@ def stale_reason(holder: dict, me: dict) -> Optional[str]:
     same_host = holder.get("host") == me["host"]
     if same_host and holder.get("pid") == me["pid"] and holder.get("proc_start") == me["proc_start"]:
         return "it is this process's own lock"
+    alive = same_host and isinstance(holder.get("pid"), int) and _alive(holder["pid"], holder.get("proc_start"))
+    if alive:  # a live process on this host holds it, whatever job it belongs to (two runs in one allocation)
+        return None
     if me["slurm_job_id"] and holder.get("slurm_job_id") == me["slurm_job_id"]:
         return f"it names this Slurm job ({me['slurm_job_id']}): a requeued or restarted job"
     run_id = me["torchelastic_run_id"]
     if run_id and run_id != "none" and holder.get("torchelastic_run_id") == run_id \
             and int(holder.get("torchelastic_restart", 0)) < me["torchelastic_restart"]:
         return f"it names this torchrun run ({run_id}) before restart {me['torchelastic_restart']}"
-    if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"], holder.get("proc_start")):
+    if same_host and isinstance(holder.get("pid"), int):  # not alive (above)
         return f"its process {holder['pid']} on this host is no longer running"
     return None
 
@@ -112,10 +115,14 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.me, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # a full disk: leave no empty lock that would refuse every later start
+            os.unlink(self.path)
+            raise
         return True
 
     def acquire(self) -> Optional[str]:

@@ -191,14 +191,17 @@ class Trainer:
         """Rank 0 takes OUTPUT/run.lock (:mod:`engine.lock`); every rank learns the outcome and raises
         :class:`RunLockedError` when another run holds the folder. Returns (the lock on rank 0,
         a take-over message or None)."""
-        lock, outcome = None, (None, None)  # (refusal, take-over message)
+        lock, outcome, error = None, (None, None), None  # outcome: (refusal, take-over message)
         if self.is_main:
             lock = RunLock(self.cfg.OUTPUT)
             try:
                 outcome = (None, lock.acquire())
-            except RunLockedError as e:
-                outcome = (str(e), None)
-        refusal, took_over = dist.all_gather_object(outcome)[0]
+            except Exception as e:  # shared below: no rank may wait for a rank 0 that stopped here
+                outcome, error = (e if isinstance(e, RunLockedError) else f"{type(e).__name__}: {e}", None), e
+        refusal, took_over = dist.all_gather_object(
+            (str(outcome[0]) if outcome[0] is not None else None, outcome[1]))[0]
+        if error is not None:
+            raise error
         if refusal is not None:
             raise RunLockedError(refusal)
         return lock, took_over
@@ -209,21 +212,23 @@ class Trainer:
             self.run_lock.release()
 
     def _write_on_main(self, write: Callable[[], None]) -> None:
-        """Run ``write`` on rank 0; when it fails with an OSError (a full disk: ckpt.DiskFullError),
+        """Run ``write`` on rank 0; when it fails (a full disk: ckpt.DiskFullError, or any other error)
         every rank raises, so none waits at a later collective for a rank 0 that stopped."""
-        error: Optional[OSError] = None
+        error: Optional[BaseException] = None
         if self.is_main:
             try:
                 write()
-            except OSError as e:
+            except Exception as e:
                 error = e
         if self.world > 1:
             full = isinstance(error, ckpt.DiskFullError)
-            shared = None if error is None else (full, error.errno, error.strerror if full else str(error))
+            shared = None if error is None else \
+                (full, getattr(error, "errno", None), error.strerror if full else f"{type(error).__name__}: {error}")
             shared = dist.all_gather_object(shared)[0]
             if shared is not None and error is None:
                 full, code, text = shared
-                error = (ckpt.DiskFullError if full else OSError)(code, f"rank 0 stopped the run: {text}")
+                error = ckpt.DiskFullError(code, f"rank 0 stopped the run: {text}") if full else \
+                    RuntimeError(f"rank 0 stopped the run: {text}")
         if error is not None:
             raise error
 
@@ -528,7 +533,7 @@ class Trainer:
                       f"{self.iters_per_epoch} iterations on {self.world} process(es), {self.device}; "
                       f"{n_params / 1e6:.2f}M trainable parameters; lr {self.lr:.3g} (global batch "
                       f"{cfg.DATA.BATCH_SIZE * self.world * self.accum})")
-        start_weights = self._fingerprint()
+        start_weights, start_iteration = self._fingerprint(), self.iteration
         row: dict = {}
         first_row: dict = {}  # the untrained backbone's monitor numbers, logged with the first epoch
         if self.monitor is not None and not self.monitor.initial and self.iteration == 0:
@@ -556,10 +561,8 @@ class Trainer:
                 self._write_skipped()
                 if "score" in row and row["score"] is not None and row["score"] > self.best_score:
                     self.best_score, self.best_epoch = row["score"], self.epoch
-                    if self.is_main:
-                        ckpt.atomic_save({"model": self.method.state_dict(), "epoch": self.epoch,
-                                          "score": row["score"]},
-                                         os.path.join(cfg.OUTPUT, "checkpoint_best.pth"))
+                    best = {"model": self.method.state_dict(), "epoch": self.epoch, "score": row["score"]}
+                    self._write_on_main(lambda: ckpt.atomic_save(best, os.path.join(cfg.OUTPUT, "checkpoint_best.pth")))
                 self.log.metrics(row, tb_step=self.epoch, tb_prefix="epoch")
                 summary = " ".join(f"{k} {v:.4g}" for k, v in row.items()
                                    if isinstance(v, float) and k != "epoch_s")
@@ -572,7 +575,7 @@ class Trainer:
                     names.append(f"checkpoint_epoch{self.epoch}.pth")
                 self.save(names)
                 self.save_backbone()
-        if torch.equal(start_weights, self._fingerprint()):
+        if self.iteration > start_iteration and torch.equal(start_weights, self._fingerprint()):
             self.log.warning(f"the trainable weights did not change in this run ({self.iteration} optimizer steps "
                              "in all): every step was skipped or had lr 0, or the gradients were all zero; "
                              f"{cfg.OUTPUT} holds the weights it started from")

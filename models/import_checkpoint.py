@@ -279,7 +279,8 @@ def _convert_ctfm(path: str, entry: Optional[str]) -> Conversion:
         name = key[len(prefix):] if key.startswith(prefix) else None
         if name is not None and name in target:
             conv.state[name], conv.origin[name] = value, key
-        elif name is None and prefix.endswith("encoder.") and key.startswith(prefix[:-len("encoder.")]):
+        elif name is None and prefix.endswith("encoder.") \
+                and key.startswith(prefix[:-len("encoder.")] + "up_layers."):
             conv.dropped[key] = "SegResNetDS decoder / head (not part of the encoder)"
         elif name is not None and re.search(r"\.(running_mean|running_var|num_batches_tracked)$", name) \
                 and norm.startswith("instance"):

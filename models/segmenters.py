@@ -104,7 +104,10 @@ class SwinSegmenter(nn.Module):
         del net.swinViT  # the encoder is ours (already loaded); the rest is the SwinUNETR decoder
         self.decoder = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Logits:
+        return oriented(self.encoder, self._run, x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         from monai.networks.nets.swin_unetr import SwinTransformer
 
         if any(s % 32 for s in x.shape[2:]):
@@ -142,6 +145,9 @@ class SegResSegmenter(nn.Module):
         self.up_layers = net.up_layers  # only the decoder is kept; net.encoder is dropped
 
     def forward(self, x: torch.Tensor) -> Logits:
+        return oriented(self.encoder, self._run, x)
+
+    def _run(self, x: torch.Tensor) -> Logits:
         if any(s % f for s, f in zip(x.shape[2:], self.shape_factor)):
             raise ValueError(f"segresnet segmentation needs input sizes divisible by {self.shape_factor} (DATA.ROI); "
                              f"got {list(x.shape[2:])}")
@@ -183,7 +189,10 @@ class ResNetSegmenter(nn.Module):
                                   res_block=True)
         self.out = UnetOutBlock(3, width, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Logits:
+        return oriented(self.encoder, self._run, x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         if any(s % 32 for s in x.shape[2:]):
             raise ValueError(f"resnet segmentation needs input sizes divisible by 32 (DATA.ROI); got "
                              f"{list(x.shape[2:])}")
@@ -196,6 +205,16 @@ class ResNetSegmenter(nn.Module):
         for up, proj, skip in zip(self.up, self.skip_proj, (s3, s2, s1, s0)):
             y = up(y, proj(skip))
         return self.out(self.final(y, self.stem(x)))
+
+
+def oriented(encoder: nn.Module, run, x: torch.Tensor) -> Logits:
+    """``run`` (the whole segmenter) on the encoder's input orientation (``MODEL.INPUT_ORIENTATION``,
+    e.g. CT-FM's SPL); the logits (every deep-supervision output) come back on the RAS input grid."""
+    to_input, from_input = getattr(encoder, "_to_input", None), getattr(encoder, "_from_input", None)
+    if to_input is None:
+        return run(x)
+    y = run(to_input(x))
+    return [from_input(o) for o in y] if isinstance(y, (list, tuple)) else from_input(y)
 
 
 def build_segmenter(encoder: nn.Module, num_classes: int, width: int = 16) -> nn.Module:

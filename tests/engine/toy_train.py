@@ -1,14 +1,18 @@
 """A tiny method and dataset for engine tests; runnable under python or torchrun.
 
     python tests/engine/toy_train.py --opts OUTPUT DIR TRAIN.EPOCHS 3 ...
-Environment: TOY_SLEEP (seconds per sample, to leave time for signals), TOY_NAN_AT (iteration, or
-inclusive range ``A-B`` of iterations, at which the loss becomes NaN), TOY_NAN_RANK (only on this rank),
-TOY_RANK_WEIGHTS (each rank saves its final model to ``OUTPUT/rank<r>.pth``), TOY_KILL_AT (iteration at which rank 0 SIGKILLs itself, in the
-first torchrun attempt only), TOY_PAD (floats of an extra buffer that makes checkpoints bigger),
-TOY_FILL_AT + TOY_FILL_LEAVE (at the first step of that epoch rank 0 fills OUTPUT's filesystem
-with OUTPUT/fill.bin until TOY_FILL_LEAVE bytes are free), TOY_N (training samples); loader faults at a
-sample index: TOY_FAIL_AT (reading it raises, naming the scan), TOY_KILL_WORKER_AT (the DataLoader worker
-reading it SIGKILLs itself), TOY_HANG_AT (reading it never returns).
+Environment:
+- TOY_SLEEP: seconds per sample, to leave time for signals; TOY_N: training samples.
+- TOY_NAN_AT: iteration, or inclusive range ``A-B`` of iterations, at which the loss becomes NaN;
+  TOY_NAN_RANK: only on this rank.
+- TOY_RANK_WEIGHTS: each rank saves its final model to ``OUTPUT/rank<r>.pth``.
+- TOY_KILL_AT: iteration at which rank 0 SIGKILLs itself, in the first torchrun attempt only.
+- TOY_PAD: floats of an extra buffer that makes checkpoints bigger.
+- TOY_FILL_AT + TOY_FILL_LEAVE: at the first step of that epoch rank 0 fills OUTPUT's filesystem with
+  OUTPUT/fill.bin until TOY_FILL_LEAVE bytes are free.
+- Loader faults at a sample index: TOY_FAIL_AT (reading it raises, naming the scan),
+  TOY_KILL_WORKER_AT (the DataLoader worker reading it SIGKILLs itself), TOY_HANG_AT (reading it
+  never returns).
 """
 import os
 import shutil

@@ -128,6 +128,11 @@ def test_ctfm_full_segresnetds_keeps_the_encoder(tmp_path):
     x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert _max_diff(model(x), net.encoder(x.permute(0, 1, 4, 3, 2).flip(3, 4))[-1].mean(dim=(2, 3, 4))) <= TOL
+    # only SegResNetDS's decoder (up_layers) is dropped by its role; any other tensor stops the import
+    torch.save({"state_dict": {**{f"module.{k}": v for k, v in net.state_dict().items()},
+                               "module.ema.conv_init.weight": torch.zeros(8, 1, 3, 3, 3)}}, path)
+    with pytest.raises(CheckpointImportError, match=r"ema.conv_init.weight \(8, 1, 3, 3, 3\)"):
+        convert_checkpoint("ct-fm", str(path))
 
 
 def test_ctfm_config_the_zoo_cannot_build_is_refused(tmp_path):

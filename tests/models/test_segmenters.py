@@ -118,3 +118,22 @@ def test_gradients_reach_the_encoder_only_when_finetuning(family):
     next(lin.net.encoder.parameters()).data.add_(1.0)
     with pytest.raises(FrozenBackboneError, match="changed"):
         lin.check_frozen()
+
+
+@pytest.mark.parametrize("make", [lambda: mb.SegResEncoderBackbone(1, init_filters=4),
+                                  lambda: mb.ResNet3D(18, 1, width=4)])
+def test_an_encoder_with_an_input_orientation_segments_in_that_orientation(make):
+    """CT-FM's encoder runs on SPL arrays: the segmenter hands it the RAS input reoriented and returns
+    logits on the RAS grid, the same as running the RAS segmenter on the hand-reoriented volume."""
+    torch.manual_seed(0)
+    ras = build_segmenter(make(), 2, width=4).eval()
+    spl = build_segmenter(make(), 2, width=4).eval()
+    spl.load_state_dict(ras.state_dict())
+    spl.encoder.set_input_orientation("SPL")
+    x = torch.randn(1, 1, 32, 32, 64)  # RAS; SPL arrays: axes (Z, Y, X), Y and X flipped (to P and L)
+    to_spl = x.permute(0, 1, 4, 3, 2).flip(3, 4)
+    with torch.no_grad():
+        want = ras(to_spl).flip(3, 4).permute(0, 1, 4, 3, 2)
+        got = spl(x)
+    assert got.shape == (1, 2, 32, 32, 64)
+    assert torch.allclose(got, want, atol=1e-5)
