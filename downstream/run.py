@@ -116,7 +116,7 @@ def train_and_evaluate(cfg, manifests: dict, frozen: bool, build_view: ViewBuild
     val_loader = eval_loader(cfg, val_m, build_view) if val_m is not None else None
     scorer = ValidationScorer(val_loader, val_m.labels, names, cfg.TRAIN.AMP, skip) if val_m is not None else None
     trainer = Trainer(cfg, method, loader, None, scorer, num_train_samples=len(train_m))
-    trainer.fit()
+    trainer.fit(keep_lock=True)  # OUTPUT stays this run's until its results are written (or the process exits)
     trainer.log.close()
     method.check_frozen()  # linear probing: the backbone is bit-identical to its start
 
@@ -142,6 +142,7 @@ def train_and_evaluate(cfg, manifests: dict, frozen: bool, build_view: ViewBuild
     metrics = write_results(cfg, log, parts) if dist.is_main() else None
     log.close()
     dist.barrier()
+    trainer.release_lock()
     return metrics
 
 

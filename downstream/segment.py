@@ -247,7 +247,7 @@ def train_and_evaluate(cfg, manifests: dict, frozen: bool) -> Optional[dict]:
     scorer = SegValidationScorer(cfg, eval_loader(cfg, val_m), len(cfg.DOWNSTREAM.SEG_CLASSES)) \
         if val_m is not None else None
     trainer = Trainer(cfg, method, loader, None, scorer, num_train_samples=len(train_m))
-    trainer.fit()
+    trainer.fit(keep_lock=True)  # OUTPUT stays this run's until its results are written (or the process exits)
     trainer.log.close()
     method.check_frozen()
 
@@ -267,6 +267,7 @@ def train_and_evaluate(cfg, manifests: dict, frozen: bool) -> Optional[dict]:
     metrics = write_results(cfg, log, rows, figs) if dist.is_main() else None
     log.close()
     dist.barrier()
+    trainer.release_lock()
     return metrics
 
 

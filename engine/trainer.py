@@ -513,13 +513,20 @@ class Trainer:
         self.method.train()
         return {f"val_{k}": (t[i] / max(1.0, t[-1])).item() for i, k in enumerate(keys)}
 
-    def fit(self) -> dict:
+    def fit(self, keep_lock: bool = False) -> dict:
         """Train from scratch or from the checkpoint TRAIN.RESUME names; returns the last epoch's row.
-        OUTPUT/run.lock is given back however it ends."""
+
+        OUTPUT/run.lock is given back however training ends, except with ``keep_lock`` after a run that
+        did not fail: a caller that still writes to OUTPUT (evaluation, predictions) keeps the folder and
+        calls :meth:`release_lock` when done (at the latest, the process's exit releases it)."""
         try:
-            return self._fit()
-        finally:
+            row = self._fit()
+        except BaseException:
             self.release_lock()
+            raise
+        if not keep_lock:
+            self.release_lock()
+        return row
 
     def _fit(self) -> dict:
         cfg = self.cfg

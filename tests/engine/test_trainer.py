@@ -288,3 +288,21 @@ def test_each_group_gets_its_scaled_lr_and_wd_at_every_step(tmp_path):
     for r in steps:
         assert r["lr"] == pytest.approx(cosine(r["it"] - 1, lr0, 1e-4, 6, 2), rel=1e-12)
         assert r["wd"] == pytest.approx(cosine(r["it"] - 1, 0.1, 0.3, 6), rel=1e-12)
+
+
+def test_keep_lock_holds_the_folder_until_the_caller_gives_it_back(tmp_path):
+    import importlib.util
+
+    from engine import lock as run_lock
+    spec = importlib.util.spec_from_file_location("toy_train", TOY)
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    for keep in (True, False):
+        out = tmp_path / f"keep_{keep}"
+        cfg = get_config(["--opts", "OUTPUT", str(out), *BASE_OPTS, "TRAIN.EPOCHS", "2"])
+        loader = dist.make_loader(toy.ToyData(16, 0), cfg, train=True, collate_fn=toy.collate)
+        trainer = Trainer(cfg, toy.ToyMethod(), loader)
+        trainer.fit(keep_lock=keep)
+        assert (out / run_lock.NAME).exists() == keep  # evaluation after fit() still owns the folder
+        trainer.release_lock()
+        assert not (out / run_lock.NAME).exists()
