@@ -97,6 +97,31 @@ def write_results(cfg, log: RunLogger, parts: dict) -> dict:
     return metrics
 
 
+def fit_then_best(cfg, method, loader, scorer, num_train: int, score: str, why_none: str) -> tuple[Trainer, RunLogger]:
+    """Train ``method`` (the trainer keeps OUTPUT's lock: the caller writes its results, then calls
+    ``trainer.release_lock()``), then load the best validation epoch (``checkpoint_best.pth``) or, without
+    one, average BatchNorm buffers over ranks and evaluate the last epoch; returns (trainer, an open log)
+    with ``method`` in eval mode. ``score`` names the validation score, ``why_none`` when there is none."""
+    trainer = Trainer(cfg, method, loader, None, scorer, num_train_samples=num_train)
+    trainer.fit(keep_lock=True)  # OUTPUT stays this run's until its results are written (or the process exits)
+    trainer.log.close()
+    method.check_frozen()  # a frozen backbone is bit-identical to its start
+
+    log = RunLogger(cfg.OUTPUT, dist.is_main())
+    dist.barrier()
+    best = os.path.join(cfg.OUTPUT, "checkpoint_best.pth")
+    if trainer.best_epoch >= 0 and os.path.isfile(best):
+        state = ckpt.load(best)
+        ckpt.load_state_strict(method, state["model"], f"best checkpoint {best}")
+        method.check_frozen()
+        log.info(f"evaluating epoch {state['epoch']} (best validation {score} {state['score']:.4f})")
+    else:
+        average_buffers(method)
+        log.warning(f"no validation {score} to choose an epoch ({why_none}): evaluating the last epoch")
+    method.eval()
+    return trainer, log
+
+
 def train_and_evaluate(cfg, manifests: dict, frozen: bool, build_view: ViewBuilder) -> Optional[dict]:
     """Train (fine-tune, or linear probe on a frozen backbone), then evaluate the best epoch on val + test."""
     names, skip = list(cfg.DOWNSTREAM.LABELS), cfg.DATA.ON_ERROR == "skip"
@@ -115,24 +140,9 @@ def train_and_evaluate(cfg, manifests: dict, frozen: bool, build_view: ViewBuild
                               collate_fn=collate, sampler=sampler)
     val_loader = eval_loader(cfg, val_m, build_view) if val_m is not None else None
     scorer = ValidationScorer(val_loader, val_m.labels, names, cfg.TRAIN.AMP, skip) if val_m is not None else None
-    trainer = Trainer(cfg, method, loader, None, scorer, num_train_samples=len(train_m))
-    trainer.fit(keep_lock=True)  # OUTPUT stays this run's until its results are written (or the process exits)
-    trainer.log.close()
-    method.check_frozen()  # linear probing: the backbone is bit-identical to its start
-
-    log = RunLogger(cfg.OUTPUT, dist.is_main())
-    dist.barrier()
-    best = os.path.join(cfg.OUTPUT, "checkpoint_best.pth")
-    if trainer.best_epoch >= 0 and os.path.isfile(best):
-        state = ckpt.load(best)
-        ckpt.load_state_strict(method, state["model"], f"best checkpoint {best}")
-        method.check_frozen()
-        log.info(f"evaluating epoch {state['epoch']} (best validation macro AUROC {state['score']:.4f})")
-    else:
-        average_buffers(method)
-        log.warning("no validation AUROC to choose an epoch (DATA.VAL_CSV empty or one class): evaluating the "
-                    "last epoch" + ("" if val_m is not None else "; thresholds are chosen on test (optimistic)"))
-    method.eval()
+    trainer, log = fit_then_best(cfg, method, loader, scorer, len(train_m), "macro AUROC",
+                                 "DATA.VAL_CSV empty or one class" +
+                                 ("" if val_m is not None else "; thresholds are chosen on test (optimistic)"))
     parts = {}
     for split, m, ldr in (("val", val_m, val_loader), ("test", test_m, None)):
         if m is not None:

@@ -24,12 +24,10 @@ from data.datasets import VolumeDataset, collate
 from data.io import BadInputError, Volume, spacing_from_affine
 from data.manifest import Manifest
 from data.views.segment import SegmentView, map_classes
-from engine import checkpoint as ckpt
 from engine import dist
 from engine.amp import autocast
 from engine.launch import build_backbone_from_cfg
 from engine.logging import RunLogger
-from engine.trainer import Trainer
 from methods.classify import average_buffers
 from methods.segment import Segmenter, build_segmentation_method
 
@@ -246,23 +244,8 @@ def train_and_evaluate(cfg, manifests: dict, frozen: bool) -> Optional[dict]:
     loader = dist.make_loader(train_ds, cfg, train=True, collate_fn=collate)
     scorer = SegValidationScorer(cfg, eval_loader(cfg, val_m), len(cfg.DOWNSTREAM.SEG_CLASSES)) \
         if val_m is not None else None
-    trainer = Trainer(cfg, method, loader, None, scorer, num_train_samples=len(train_m))
-    trainer.fit(keep_lock=True)  # OUTPUT stays this run's until its results are written (or the process exits)
-    trainer.log.close()
-    method.check_frozen()
-
-    log = RunLogger(cfg.OUTPUT, dist.is_main())
-    dist.barrier()
-    best = os.path.join(cfg.OUTPUT, "checkpoint_best.pth")
-    if trainer.best_epoch >= 0 and os.path.isfile(best):
-        state = ckpt.load(best)
-        ckpt.load_state_strict(method, state["model"], f"best checkpoint {best}")
-        method.check_frozen()
-        log.info(f"evaluating epoch {state['epoch']} (best validation macro Dice {state['score']:.4f})")
-    else:
-        average_buffers(method)
-        log.warning("no validation Dice to choose an epoch (DATA.VAL_CSV empty): evaluating the last epoch")
-    method.eval()
+    from downstream.run import fit_then_best
+    trainer, log = fit_then_best(cfg, method, loader, scorer, len(train_m), "macro Dice", "DATA.VAL_CSV empty")
     rows, figs = predict_test(cfg, method, test_m, trainer.device)
     metrics = write_results(cfg, log, rows, figs) if dist.is_main() else None
     log.close()
