@@ -50,6 +50,13 @@ _C.DATA.TIMEOUT = 600
 _C.DATA.CACHE_DIR = ""  # preprocessed cache (tools/preprocess.py); '' = read the source files
 _C.DATA.ON_ERROR = "raise"  # bad input: 'raise' (stop naming file and reason) | 'skip' (list in skipped.csv)
 _C.DATA.MAX_BAD_FRACTION = 0.05  # under 'skip', more bad inputs than this fraction stop the run
+# head-CT template: the common frame of Alice's cross-scan views (docs/pretraining.md#alice). When set,
+# tools/preprocess.py registers every scan to it (affine, SimpleITK, brain window) and stores the scan -> template
+# world transform and the registration's similarity beside the cache entry; '' = no registration
+_C.DATA.TEMPLATE = ""
+# a registration whose similarity (normalised cross-correlation in the brain window, 1 = identical) is below
+# this is refused: the scan is listed in the cache's registration.csv and gets crop views only
+_C.DATA.TEMPLATE_MIN_SIMILARITY = 0.5
 
 # ---------------------------------------------------------------------------------------------
 _C.MODEL = CN()
@@ -160,6 +167,19 @@ _C.SIMCLR.INPAINT_WEIGHT = 0.0  # SwinUNETR-style masked-volume inpainting loss 
 _C.SIMCLR.INPAINT_MASK_RATIO = 0.3  # fraction of the volume dropped for inpainting
 
 # ---------------------------------------------------------------------------------------------
+# Alice (Jiang et al. 2023): DINO-style views of the same anatomy in two heads, matched through DATA.TEMPLATE,
+# aligned by CASA (one cross-attention block); teacher, centre, schedules and KoLeo come from DINO.*
+_C.ALICE = CN()
+_C.ALICE.CROSS_SCAN_PROB = 1.0  # probability that a sample's anchor view comes from another scan (else the same)
+_C.ALICE.CROP_SCALE = [0.75, 1.25]  # crop side as a factor of DATA.ROI voxels (same physical size in both views)
+_C.ALICE.SAME_SCAN_JITTER_MM = 8.0  # same-scan views: the anchor centre moves up to this far (mm, per axis)
+_C.ALICE.MASK_RATIO = 0.75  # fraction of the student's patches hidden (block masking)
+_C.ALICE.PATCH_WEIGHT = 1.0  # weight of the iBOT-style patch loss on CASA's outputs
+_C.ALICE.RECON_WEIGHT = 1.0  # weight of the MSE reconstruction of the masked patches
+_C.ALICE.DECODER_DIM = 128  # width of the light reconstruction decoder
+_C.ALICE.DECODER_DEPTH = 1  # transformer blocks of the reconstruction decoder
+
+# ---------------------------------------------------------------------------------------------
 _C.DOWNSTREAM = CN()
 _C.DOWNSTREAM.MODE = "finetune"  # 'finetune' | 'linear' (frozen backbone) | 'fewshot'
 _C.DOWNSTREAM.LABELS = ["ICH"]  # label columns (several = multi-label sigmoid heads)
@@ -210,14 +230,17 @@ NON_NEGATIVE = ("MODEL.FEATURE_SIZE", "TRAIN.EPOCHS", "TRAIN.WARMUP_EPOCHS", "TR
                 "TRAIN.CLIP_GRAD", "DATA.NUM_WORKERS", "DATA.TIMEOUT", "DOWNSTREAM.SAMPLES_PER_EPOCH", "TRAIN.BASE_LR",
                 "TRAIN.MIN_LR", "TRAIN.WEIGHT_DECAY", "MAE.VIS_EVERY", "DINO.KNN_EVERY",
                 "DINO.FREEZE_LAST_LAYER_EPOCHS", "SIMCLR.ROTATION_WEIGHT", "SIMCLR.INPAINT_WEIGHT",
-                "DINO.KOLEO_WEIGHT", "DINO.IBOT_WEIGHT", "MONITOR.NUM_SCANS")
+                "DINO.KOLEO_WEIGHT", "DINO.IBOT_WEIGHT", "MONITOR.NUM_SCANS",
+                "ALICE.SAME_SCAN_JITTER_MM", "ALICE.PATCH_WEIGHT", "ALICE.RECON_WEIGHT",
+                "ALICE.DECODER_DEPTH")
 POSITIVE = ("DATA.BATCH_SIZE", "TRAIN.ACCUM_STEPS", "TRAIN.LOG_EVERY", "TRAIN.EVAL_EVERY", "TRAIN.MAX_SKIPPED_STEPS",
             "DOWNSTREAM.FEW_SHOT_K", "DOWNSTREAM.FEW_SHOT_SEEDS", "DINO.GLOBAL_CROPS", "DINO.OUT_DIM",
             "SIMCLR.TEMPERATURE", "SIMCLR.PATCHES_PER_SCAN", "DOWNSTREAM.BOOTSTRAP",
-            "DOWNSTREAM.SEG_DECODER_WIDTH", "DOWNSTREAM.SEG_SW_BATCH")
+            "DOWNSTREAM.SEG_DECODER_WIDTH", "DOWNSTREAM.SEG_SW_BATCH", "ALICE.DECODER_DIM")
 FRACTIONS = ("MAE.MASK_RATIO", "DATA.MAX_BAD_FRACTION", "MODEL.MIN_LOADED_FRACTION",
              "SIMCLR.INPAINT_MASK_RATIO", "DINO.CENTER_MOMENTUM",
-             "MONITOR.RANK_WARN_FRACTION", "DOWNSTREAM.SEG_FOREGROUND_PROB")
+             "MONITOR.RANK_WARN_FRACTION", "DOWNSTREAM.SEG_FOREGROUND_PROB",
+             "ALICE.CROSS_SCAN_PROB", "ALICE.MASK_RATIO", "DATA.TEMPLATE_MIN_SIMILARITY")
 
 
 class ConfigError(ValueError):
@@ -285,6 +308,12 @@ def validate(cfg: CN) -> None:
         v = _get(cfg, key)
         if len(v) != 2 or not 0 < v[0] <= v[1] <= 1:
             raise ConfigError(f"{key} = {list(v)}; expected [low, high] with 0 < low <= high <= 1")
+    v = list(cfg.ALICE.CROP_SCALE)
+    if len(v) != 2 or not 0 < v[0] <= v[1]:
+        raise ConfigError(f"ALICE.CROP_SCALE = {v}; expected [low, high] with 0 < low <= high")
+    if not 0 < cfg.ALICE.MASK_RATIO < 1:
+        raise ConfigError(f"ALICE.MASK_RATIO = {cfg.ALICE.MASK_RATIO!r}; it must lie in (0, 1): the student needs "
+                          "both hidden and visible patches")
     if cfg.SIMCLR.CROP_ASPECT < 1:
         raise ConfigError(f"SIMCLR.CROP_ASPECT = {cfg.SIMCLR.CROP_ASPECT!r}; it must be >= 1 (1 = no stretching)")
     try:
