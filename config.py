@@ -52,10 +52,13 @@ _C.DATA.ON_ERROR = "raise"  # bad input: 'raise' (stop naming file and reason) |
 _C.DATA.MAX_BAD_FRACTION = 0.05  # under 'skip', more bad inputs than this fraction stop the run
 # head-CT template: the common frame of Alice's cross-scan views (docs/pretraining.md#alice). When set,
 # tools/preprocess.py registers every scan to it (affine, SimpleITK, brain window) and stores the scan -> template
-# world transform and the registration's similarity beside the cache entry; '' = no registration
+# world transform and the registration's similarity beside the cache entry; '' = no registration;
+# 'identity' = the scans already share one frame (pre-registered, or centred crops as MedMNIST): nothing is registered
 _C.DATA.TEMPLATE = ""
 # a registration whose similarity (normalised cross-correlation in the brain window, 1 = identical) is below
-# this is refused: the scan is listed in the cache's registration.csv and gets crop views only
+# this is refused: the scan is listed in the cache's registration.csv and gets crop views only. Measured
+# (benchmarks/alice_matching.py): phantom heads 0.58-0.67 against the shared atlas, the atlas under a random affine
+# 0.99; non-head and partial scans are refused by the scale and coverage checks, not by this value
 _C.DATA.TEMPLATE_MIN_SIMILARITY = 0.5
 
 # ---------------------------------------------------------------------------------------------

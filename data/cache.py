@@ -23,6 +23,7 @@ mask holds are in its sidecar, so checking ``DOWNSTREAM.SEG_CLASSES`` reads no a
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -34,22 +35,32 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from data.io import (BadInputError, TooManyBadInputs, Volume, read_skipped, read_volume, sidecar_path,
-                     write_skipped)
+from data.io import (BadInputError, TooManyBadInputs, Volume, read_sidecar, read_skipped, read_volume,
+                     sidecar_path, write_skipped)
 from data.transforms import HEAD_MARGIN_MM, HEAD_OPENING_MM, preprocess_volume
 
 PathLike = Union[str, os.PathLike]
 FORMAT_VERSION = 1  # bump when the stored layout or the preprocessing code changes meaning
 SKIPPED_CSV = "skipped.csv"
+REGISTRATION_CSV = "registration.csv"  # refused registrations to DATA.TEMPLATE: path, similarity, reason
+REGISTRATION_FIELDS = ("path", "similarity", "reason")
+# DATA.TEMPLATE 'identity': the scans already share one frame (pre-registered, or centred crops such as MedMNIST);
+# nothing is registered and every scan's scan -> template transform is the identity
+IDENTITY_TEMPLATE = "identity"
 
 
 def preprocess_params(cfg) -> dict:
-    """Every parameter that changes a cached array (hashed into :func:`cache_key`).
+    """Every parameter that changes a cached entry (hashed into :func:`cache_key`).
+
+    With ``DATA.TEMPLATE`` set to a file, a ``"template"`` item (the template's resolved path and content hash, the
+    registration settings and ``DATA.TEMPLATE_MIN_SIMILARITY``) joins them; without it the parameters, and
+    so the key, are exactly those of a cache without registration.
 
     Args:
-        cfg: the config (``DATA.SPACING``, ``DATA.HEAD_THRESHOLD``).
+        cfg: the config (``DATA.SPACING``, ``DATA.HEAD_THRESHOLD``, ``DATA.TEMPLATE``,
+            ``DATA.TEMPLATE_MIN_SIMILARITY``).
     """
-    return {
+    params = {
         "format_version": FORMAT_VERSION,
         "orientation": "RAS",
         "spacing": [float(s) for s in cfg.DATA.SPACING],
@@ -59,6 +70,15 @@ def preprocess_params(cfg) -> dict:
         "head_opening_mm": float(HEAD_OPENING_MM),
         "dtype": "int16",
     }
+    if cfg.DATA.TEMPLATE and cfg.DATA.TEMPLATE != IDENTITY_TEMPLATE:
+        from data.registration import settings, template_sha1
+
+        path = os.path.abspath(os.path.expanduser(str(cfg.DATA.TEMPLATE)))
+        if not os.path.isfile(path):
+            raise ValueError(f"DATA.TEMPLATE = {cfg.DATA.TEMPLATE!r}: no such file")
+        params["template"] = {"path": path, "sha1": template_sha1(path), "registration": settings(),
+                              "min_similarity": float(cfg.DATA.TEMPLATE_MIN_SIMILARITY)}
+    return params
 
 
 def params_key(params: dict) -> str:
@@ -118,7 +138,8 @@ def _atomic_write_bytes(path: Path, write) -> None:
             tmp.unlink()
 
 
-def write_entry(root: PathLike, source: PathLike, vol: Volume, params: dict) -> Path:
+def write_entry(root: PathLike, source: PathLike, vol: Volume, params: dict,
+                extra: Optional[dict] = None) -> Path:
     """Store a preprocessed volume as int16 HU ``.npy`` plus its JSON sidecar, atomically.
 
     Args:
@@ -126,6 +147,7 @@ def write_entry(root: PathLike, source: PathLike, vol: Volume, params: dict) -> 
         source: the source file (its resolved path names the entry).
         vol: preprocessed float HU volume.
         params: :func:`preprocess_params` (recorded in the sidecar).
+        extra: more sidecar items (e.g. ``"template"``: the registration, :meth:`Registration.to_json`).
 
     Returns:
         The ``.npy`` path.
@@ -146,6 +168,7 @@ def write_entry(root: PathLike, source: PathLike, vol: Volume, params: dict) -> 
         "dtype": "int16",
         "params": params,
         "key": params_key(params),
+        **(extra or {}),
     }
     blob = json.dumps(meta, indent=1).encode()
     _atomic_write_bytes(Path(sidecar_path(npy)), lambda f: f.write(blob))
@@ -213,12 +236,17 @@ def read_entry(root: PathLike, source: PathLike, skipped: Optional[dict[str, str
     return read_volume(npy)
 
 
-def preprocess_one(source: str, root: str, params: dict, mask: str = "") -> tuple[str, str, str]:
+def preprocess_one(source: str, root: str, params: dict, mask: str = "") -> tuple[str, str, str, Optional[dict]]:
     """Read, preprocess and store one volume and, when given, its label map (runs in a worker process).
 
+    With a ``"template"`` in ``params`` the preprocessed volume is registered to it
+    (:func:`data.registration.register_to_template`) and the result goes into the sidecar's ``"template"``
+    item; a refused registration leaves the entry good (it keeps same-scan views).
+
     Returns:
-        ``(status, source, reason)``: status ``'done'`` or ``'bad'`` (reason = BadInputError's; a bad mask is
-        named in it).
+        ``(status, source, reason, registration)``: status ``'done'`` or ``'bad'`` (reason = BadInputError's;
+        a bad mask is named in it); registration: the sidecar's ``"template"`` dict, or None without a template
+        (or for a bad input).
     """
     from data.masks import align_mask, preprocess_pair, read_mask
     try:
@@ -234,12 +262,62 @@ def preprocess_one(source: str, root: str, params: dict, mask: str = "") -> tupl
             if isinstance(e, BadInputError):
                 raise
             raise BadInputError(source, f"preprocessing failed: {e}") from None
-        write_entry(root, source, out, params)
+        registration = None
+        if "template" in params:
+            from data.registration import cached_template, register_to_template
+
+            tp = params["template"]
+            reg = register_to_template(out.array, out.affine, cached_template(tp["path"], tp["sha1"]),
+                                       min_similarity=tp["min_similarity"])
+            registration = reg.to_json()
+        write_entry(root, source, out, params, None if registration is None else {"template": registration})
         if mask:
             write_mask_entry(root, source, mask, labels)
-        return "done", source, ""
+        return "done", source, "", registration
     except BadInputError as e:
-        return "bad", source, e.reason if e.path == source else str(e)
+        return "bad", source, e.reason if e.path == source else str(e), None
+
+
+def read_template(root: PathLike, source: PathLike) -> Optional[np.ndarray]:
+    """The ``(4, 4)`` scan world -> template world matrix of a cached entry (RAS mm, homogeneous).
+
+    None when the entry has no registration (a cache built without ``DATA.TEMPLATE``) or its registration
+    was refused (listed in ``<root>/registration.csv``).
+
+    Raises:
+        BadInputError: naming the source when it is not in the cache.
+    """
+    npy = entry_path(root, source)
+    side = sidecar_path(npy)
+    if not os.path.exists(side):
+        raise BadInputError(source, f"not in the preprocessing cache (expected {npy}); run "
+                                    "tools/preprocess.py --cfg ... with the same DATA settings first")
+    reg = read_sidecar(npy).get("template")
+    if not reg or not reg.get("ok"):
+        return None
+    return np.asarray(reg["to_template"], dtype=np.float64)
+
+
+def read_registrations(root: PathLike) -> dict[str, tuple[str, str]]:
+    """``{source: (similarity, reason)}`` of the refused registrations listed in ``<root>/registration.csv``."""
+    path = Path(root) / REGISTRATION_CSV
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {r["path"]: (r["similarity"], r["reason"]) for r in csv.DictReader(f)}
+
+
+def write_registrations(root: PathLike, rows: dict[str, tuple[str, str]]) -> None:
+    """Rewrite ``<root>/registration.csv`` (path, similarity, reason), atomically."""
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(REGISTRATION_FIELDS)
+    for p in sorted(rows):
+        w.writerow([p, *rows[p]])
+    blob = buf.getvalue().encode()
+    _atomic_write_bytes(Path(root) / REGISTRATION_CSV, lambda f: f.write(blob))
 
 
 def manifest_sources(cfg, csv_paths: Optional[Sequence[PathLike]] = None) -> list[str]:
@@ -290,6 +368,9 @@ def preprocess_manifests(cfg, csv_paths: Optional[Sequence[PathLike]] = None,
     BadInputError. Under ``skip`` each bad input is logged once and listed in
     ``<cache>/skipped.csv`` (rewritten each run: inputs that now succeed leave it); once more than
     ``DATA.MAX_BAD_FRACTION`` of the inputs are bad the run stops with :class:`TooManyBadInputs`.
+    With ``DATA.TEMPLATE`` set each new entry is registered to the template; refused registrations are
+    listed in ``<cache>/registration.csv`` (path, similarity, reason; rows of entries done earlier stay),
+    and the entries stay usable (same-scan views only).
 
     Args:
         cfg: the config (DATA.CACHE_DIR, DATA.SPACING, DATA.HEAD_THRESHOLD, DATA.ON_ERROR,
@@ -300,7 +381,9 @@ def preprocess_manifests(cfg, csv_paths: Optional[Sequence[PathLike]] = None,
         log: called with each message line.
 
     Returns:
-        ``{"root", "total", "already_done", "done", "bad", "seconds", "per_second"}``.
+        ``{"root", "total", "already_done", "done", "bad", "seconds", "per_second"}``, and with a
+        template ``"registered"`` / ``"registration_refused"``: the manifests' entries (this run's and earlier
+        ones) whose registration was accepted / refused.
     """
     root = cache_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
@@ -317,6 +400,8 @@ def preprocess_manifests(cfg, csv_paths: Optional[Sequence[PathLike]] = None,
         f"{max(workers, 1)} process(es)")
 
     bad: dict[str, str] = {}
+    register = "template" in params
+    refused: dict[str, tuple[str, str]] = {}  # this run's refused registrations
     n_done = 0
     t0 = time.perf_counter()
     bar = None
@@ -326,11 +411,14 @@ def preprocess_manifests(cfg, csv_paths: Optional[Sequence[PathLike]] = None,
 
     def handle(result: tuple[str, str, str]) -> None:
         nonlocal n_done
-        status, source, reason = result
+        status, source, reason, registration = result
         if bar is not None:
             bar.update(1)
         if status == "done":
             n_done += 1
+            if registration is not None and not registration["ok"]:
+                sim = registration["similarity"]
+                refused[source] = ("" if sim is None else f"{sim:.4f}", registration["reason"])
             return
         if not skip:
             raise BadInputError(source, reason)
@@ -356,11 +444,26 @@ def preprocess_manifests(cfg, csv_paths: Optional[Sequence[PathLike]] = None,
             old = {p: r for p, r in skipped_reasons(root).items() if not is_done(root, p, mask_of.get(p, ""))}
             old.update(bad)
             write_skipped(root / SKIPPED_CSV, old.items(), replace=True)
+        if register:
+            # rows of entries done earlier stay (they are not registered again); this run's are added
+            rows = {p: r for p, r in read_registrations(root).items()
+                    if os.path.exists(sidecar_path(entry_path(root, p)))}
+            rows.update(refused)
+            if rows or (root / REGISTRATION_CSV).exists():
+                write_registrations(root, rows)
     seconds = time.perf_counter() - t0
     summary = {"root": str(root), "total": total, "already_done": already, "done": n_done,
                "bad": len(bad), "seconds": seconds, "per_second": n_done / seconds if seconds > 0 else 0.0}
-    log(f"preprocess: {n_done} written, {already} already done, {len(bad)} skipped in {seconds:.1f} s "
-        f"({summary['per_second']:.2f} volumes/s)" + (f"; see {root / SKIPPED_CSV}" if bad else ""))
+    line = (f"preprocess: {n_done} written, {already} already done, {len(bad)} skipped in {seconds:.1f} s "
+            f"({summary['per_second']:.2f} volumes/s)" + (f"; see {root / SKIPPED_CSV}" if bad else ""))
+    if register:
+        sources = {s for s, _ in pairs if s not in bad and os.path.exists(sidecar_path(entry_path(root, s)))}
+        n_refused = len(sources & set(rows))
+        summary["registered"] = len(sources) - n_refused
+        summary["registration_refused"] = n_refused
+        line += (f"; registered to {params['template']['path']}: {summary['registered']} accepted, "
+                 f"{n_refused} refused" + (f" (see {root / REGISTRATION_CSV})" if n_refused else ""))
+    log(line)
     return summary
 
 

@@ -61,6 +61,7 @@ class VolumeDataset(Dataset):
         self.head_threshold = float(cfg.DATA.HEAD_THRESHOLD)
         self.skip = cfg.DATA.ON_ERROR == "skip"
         self.cache_root = str(cache_lib.cache_root(cfg)) if cfg.DATA.CACHE_DIR else ""
+        self.template = str(cfg.DATA.TEMPLATE)
         # consecutive bad rows that prove more than MAX_BAD_FRACTION are bad
         self.max_consecutive_bad = max(10, int(np.ceil(cfg.DATA.MAX_BAD_FRACTION * len(manifest))) + 1)
         self._skipped_at_preprocessing: Optional[dict[str, str]] = None  # loaded lazily, per worker
@@ -107,10 +108,21 @@ class VolumeDataset(Dataset):
         coord = self.manifest.coords[index]
         meta = {"spacing": tuple(vol.spacing), "affine": vol.affine,
                 "coord": None if np.isnan(coord).any() else coord.copy(),
-                "path": path, "id": self.manifest.ids[index]}
+                "path": path, "id": self.manifest.ids[index],
+                # scan -> template world transform (4, 4) of a cache built with DATA.TEMPLATE; None when the
+                # scan was not registered or its registration was refused (data/registration.py)
+                "template": self._template(path)}
         if self.masks:
             meta["mask"], meta["mask_path"] = labels, mask_path
         return vol.array, meta
+
+    def _template(self, path: str) -> Optional[np.ndarray]:
+        """The scan -> template world transform of ``path`` (DATA.TEMPLATE), or None."""
+        if self.template == cache_lib.IDENTITY_TEMPLATE:
+            return np.eye(4)
+        if self.template and self.cache_root:
+            return cache_lib.read_template(self.cache_root, path)
+        return None
 
     def row_name(self, index: int) -> str:
         """``"row 3 (id s03) of train.csv"``: a manifest row as errors name it (1-based data row)."""
@@ -139,13 +151,35 @@ class VolumeDataset(Dataset):
                                            f"are bad (last: {e}); more than DATA.MAX_BAD_FRACTION are "
                                            "bad") from None
                 row = (row + 1) % n
-        sample = dict(self.view(hu, meta, rng))
+        if getattr(self.view, "needs_partner", False):  # e.g. Alice: a second scan, drawn from the same rng
+            sample = dict(self.view(hu, meta, rng, partner=self._partner(row, rng, skipped)))
+        else:
+            sample = dict(self.view(hu, meta, rng))
         sample["index"] = row
         sample["id"] = self.manifest.ids[row]
         sample["skipped"] = skipped
         if self.manifest.label_names:
             sample["label"] = torch.from_numpy(self.manifest.labels[row].copy())  # [L]
         return sample
+
+
+    def _partner(self, row: int, rng: np.random.Generator, skipped: list[tuple[str, str]]
+                 ) -> Optional[tuple[np.ndarray, dict]]:
+        """Another row's ``(hu, meta)``, uniform over the manifest; None for a one-row manifest or, under
+        ``DATA.ON_ERROR skip``, a bad partner (listed in ``skipped`` like any bad row; the view then falls
+        back to views of ``row`` alone)."""
+        n = len(self.manifest)
+        if n < 2:
+            return None
+        other = int(rng.integers(n - 1))
+        other += other >= row
+        try:
+            return self.load(other)
+        except BadInputError as e:
+            if not self.skip:
+                raise
+            skipped.append((e.path, e.reason))
+            return None
 
 
 RAGGED_KEYS = ("hu",)  # tensors whose shape differs between samples (device-resize heads): kept as lists

@@ -56,8 +56,110 @@ def random_patch_mask(batch_size: int, num_patches: int, ratio_range: Sequence[f
     return rank < n_mask[:, None]
 
 
+# ------------------------------------------------------------------------------ shared machinery
+class SelfDistillation(nn.Module):
+    """What DINO-style objectives share: an EMA teacher, centres, schedules, last-layer freeze.
+
+    A subclass builds its student modules as attributes, then calls :meth:`_make_teacher` with the
+    names of those that get an EMA copy (``self.teacher[name]`` mirrors ``getattr(self, name)``),
+    :meth:`_register_centers` and :meth:`_init_schedules`. The engine hooks below then work on every
+    pair: :meth:`on_step_end` moves each teacher copy towards its student, :meth:`on_after_backward`
+    drops the last-layer gradients of every student :class:`models.heads.DINOHead` with a teacher copy.
+    """
+
+    def _make_teacher(self, names: Sequence[str]) -> None:
+        """``self.teacher``: deep copies of the named student modules, ``requires_grad=False``
+        (DDP neither trains nor averages them; they change only by :meth:`on_step_end`)."""
+        self.teacher = nn.ModuleDict({n: copy.deepcopy(getattr(self, n)) for n in names})
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+
+    def _register_centers(self, out_dim: int, patch: bool) -> None:
+        """Buffers ``center [1, K]``, ``patch_center [1, 1, K]`` (when ``patch``) and ``center_ready``."""
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        if patch:
+            self.register_buffer("patch_center", torch.zeros(1, 1, out_dim))
+        # False until the first training step, whose teacher mean then becomes the centre outright
+        # (DINO starts from 0: its first teacher targets all share the same peak, a push towards
+        # collapse that the EMA takes ~1/(1 - CENTER_MOMENTUM) steps to undo)
+        self.register_buffer("center_ready", torch.zeros((), dtype=torch.bool))
+
+    def _init_schedules(self, cfg: Any) -> None:
+        """Temperatures, momenta and freeze length from ``DINO.*`` and ``TRAIN.EPOCHS``."""
+        d = cfg.DINO
+        self.student_temp = float(d.STUDENT_TEMP)
+        self.center_momentum = float(d.CENTER_MOMENTUM)
+        self.momentum_start, self.momentum_end = float(d.MOMENTUM_TEACHER), float(d.MOMENTUM_TEACHER_END)
+        self.warmup_teacher_temp, self.final_teacher_temp = float(d.WARMUP_TEACHER_TEMP), float(d.TEACHER_TEMP)
+        self.warmup_teacher_temp_epochs = int(d.WARMUP_TEACHER_TEMP_EPOCHS)
+        self.freeze_last_layer_epochs = int(d.FREEZE_LAST_LAYER_EPOCHS)
+        self.epochs = int(cfg.TRAIN.EPOCHS)
+        # schedule values, set from the global iteration by on_step_start (iteration 0 until then)
+        self.total_iters = 0
+        self.momentum = self.momentum_start
+        self.teacher_temp = self.warmup_teacher_temp
+
+    # ------------------------------------------------------------------------------- schedules
+    def teacher_temp_at(self, it: int, iters_per_epoch: int) -> float:
+        """Teacher temperature at global iteration ``it``: linear warm-up over
+        ``WARMUP_TEACHER_TEMP_EPOCHS * iters_per_epoch`` iterations, then constant."""
+        return linear_warmup(it, self.warmup_teacher_temp, self.final_teacher_temp,
+                             self.warmup_teacher_temp_epochs * iters_per_epoch)
+
+    def momentum_at(self, it: int, total_iters: int) -> float:
+        """Teacher EMA momentum at global iteration ``it``: cosine from MOMENTUM_TEACHER to _END."""
+        return cosine(it, self.momentum_start, self.momentum_end, total_iters)
+
+    def on_step_start(self, it: int, epoch: int, total_iters: int) -> None:
+        """Set the schedules from the global iteration (engine hook, before the forward)."""
+        self.total_iters = int(total_iters)
+        iters_per_epoch = max(1, total_iters // max(1, self.epochs))
+        self.teacher_temp = self.teacher_temp_at(it, iters_per_epoch)
+        self.momentum = self.momentum_at(it, total_iters)
+
+    def on_after_backward(self, epoch: int) -> None:
+        """Drop the last layer's gradients of every student DINO head during the first
+        FREEZE_LAST_LAYER_EPOCHS epochs."""
+        if epoch >= self.freeze_last_layer_epochs:
+            return
+        for name in self.teacher:
+            head = getattr(self, name)
+            if isinstance(head, DINOHead):
+                for p in head.last_layer.parameters():
+                    p.grad = None
+
+    @torch.no_grad()
+    def on_step_end(self, it: int) -> None:
+        """EMA of each student module into its teacher copy with the momentum of this iteration (after the step)."""
+        m = self.momentum
+        student, teacher = [], []
+        for name, t_mod in self.teacher.items():
+            s_mod = getattr(self, name)
+            for ps, pt in zip(s_mod.parameters(), t_mod.parameters()):
+                student.append(ps.detach())
+                teacher.append(pt)
+        torch._foreach_mul_(teacher, m)
+        torch._foreach_add_(teacher, student, alpha=1.0 - m)
+
+    def exported_backbone(self) -> nn.Module:
+        """What ``backbone.pth`` holds: the TEACHER backbone (the EMA weights DINO evaluates)."""
+        return self.teacher["backbone"]
+
+    @torch.no_grad()
+    def _update_center(self, buffer: torch.Tensor, outputs: torch.Tensor) -> None:
+        """EMA of the buffer towards the mean of ``outputs [n, ..., K]`` over ALL ranks' samples
+        (the mean itself at the first training step)."""
+        k = outputs.shape[-1]
+        flat = outputs.detach().float().reshape(-1, k)
+        stats = torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])])  # [K + 1]: sum, count
+        dist.all_reduce_sum(stats)
+        mean = (stats[:k] / stats[k]).reshape(buffer.shape)
+        m = self.center_momentum if bool(self.center_ready) else 0.0
+        buffer.mul_(m).add_(mean, alpha=1.0 - m)
+
+
 # --------------------------------------------------------------------------------------- method
-class DINO(nn.Module):
+class DINO(SelfDistillation):
     """DINO objective; ``DINO(cfg, backbone)``.
 
     Batch: ``{"global": [B, G, C, *ROI], "local": [B, L, C, *local]}`` (from
@@ -95,33 +197,10 @@ class DINO(nn.Module):
                                       use_bn=bool(d.HEAD_BN))
         self._check_local_size(cfg)
 
-        teacher = {"backbone": copy.deepcopy(backbone), "head": copy.deepcopy(self.head)}
-        if self.ibot_weight > 0:
-            teacher["ibot_head"] = copy.deepcopy(self.ibot_head)
-        self.teacher = nn.ModuleDict(teacher)
-        for p in self.teacher.parameters():
-            p.requires_grad = False
-        k = int(d.OUT_DIM)
-        self.register_buffer("center", torch.zeros(1, k))
-        if self.ibot_weight > 0:
-            self.register_buffer("patch_center", torch.zeros(1, 1, k))
-        # False until the first training step, whose teacher mean then becomes the centre outright
-        # (DINO starts from 0: its first teacher targets all share the same peak, a push towards
-        # collapse that the EMA takes ~1/(1 - CENTER_MOMENTUM) steps to undo)
-        self.register_buffer("center_ready", torch.zeros((), dtype=torch.bool))
-
+        self._make_teacher(["backbone", "head"] + (["ibot_head"] if self.ibot_weight > 0 else []))
+        self._register_centers(int(d.OUT_DIM), patch=self.ibot_weight > 0)
         self.window_specs = window_specs(list(cfg.DATA.WINDOWS))  # device-stage batches are windowed here
-        self.student_temp = float(d.STUDENT_TEMP)
-        self.center_momentum = float(d.CENTER_MOMENTUM)
-        self.momentum_start, self.momentum_end = float(d.MOMENTUM_TEACHER), float(d.MOMENTUM_TEACHER_END)
-        self.warmup_teacher_temp, self.final_teacher_temp = float(d.WARMUP_TEACHER_TEMP), float(d.TEACHER_TEMP)
-        self.warmup_teacher_temp_epochs = int(d.WARMUP_TEACHER_TEMP_EPOCHS)
-        self.freeze_last_layer_epochs = int(d.FREEZE_LAST_LAYER_EPOCHS)
-        self.epochs = int(cfg.TRAIN.EPOCHS)
-        # schedule values, set from the global iteration by on_step_start (iteration 0 until then)
-        self.total_iters = 0
-        self.momentum = self.momentum_start
-        self.teacher_temp = self.warmup_teacher_temp
+        self._init_schedules(cfg)
 
     def _check_local_size(self, cfg: Any) -> None:
         local = list(cfg.DINO.LOCAL_CROP_SIZE) or [max(1, int(r) // 2) for r in cfg.DATA.ROI]
@@ -132,65 +211,6 @@ class DINO(nn.Module):
                 raise ValueError(f"DINO.LOCAL_CROP_SIZE = {local} (default: half of DATA.ROI) is not divisible by "
                                  f"MODEL.PATCH_SIZE = {list(self.backbone.patch_size)}; set DINO.LOCAL_CROP_SIZE") \
                     from None
-
-    # ------------------------------------------------------------------------------- schedules
-    def teacher_temp_at(self, it: int, iters_per_epoch: int) -> float:
-        """Teacher temperature at global iteration ``it``: linear warm-up over
-        ``WARMUP_TEACHER_TEMP_EPOCHS * iters_per_epoch`` iterations, then constant."""
-        return linear_warmup(it, self.warmup_teacher_temp, self.final_teacher_temp,
-                             self.warmup_teacher_temp_epochs * iters_per_epoch)
-
-    def momentum_at(self, it: int, total_iters: int) -> float:
-        """Teacher EMA momentum at global iteration ``it``: cosine from MOMENTUM_TEACHER to _END."""
-        return cosine(it, self.momentum_start, self.momentum_end, total_iters)
-
-    def on_step_start(self, it: int, epoch: int, total_iters: int) -> None:
-        """Set the schedules from the global iteration (engine hook, before the forward)."""
-        self.total_iters = int(total_iters)
-        iters_per_epoch = max(1, total_iters // max(1, self.epochs))
-        self.teacher_temp = self.teacher_temp_at(it, iters_per_epoch)
-        self.momentum = self.momentum_at(it, total_iters)
-
-    def on_after_backward(self, epoch: int) -> None:
-        """Drop the last head layer's gradients during the first FREEZE_LAST_LAYER_EPOCHS epochs."""
-        if epoch >= self.freeze_last_layer_epochs:
-            return
-        heads = [self.head] + ([self.ibot_head] if self.ibot_weight > 0 else [])
-        for h in heads:
-            for p in h.last_layer.parameters():
-                p.grad = None
-
-    @torch.no_grad()
-    def on_step_end(self, it: int) -> None:
-        """EMA of the student into the teacher with the momentum of this iteration (after the step)."""
-        m = self.momentum
-        pairs = [(self.backbone, self.teacher["backbone"]), (self.head, self.teacher["head"])]
-        if self.ibot_weight > 0:
-            pairs.append((self.ibot_head, self.teacher["ibot_head"]))
-        student, teacher = [], []
-        for s_mod, t_mod in pairs:
-            for ps, pt in zip(s_mod.parameters(), t_mod.parameters()):
-                student.append(ps.detach())
-                teacher.append(pt)
-        torch._foreach_mul_(teacher, m)
-        torch._foreach_add_(teacher, student, alpha=1.0 - m)
-
-    def exported_backbone(self) -> nn.Module:
-        """What ``backbone.pth`` holds: the TEACHER backbone (the EMA weights DINO evaluates)."""
-        return self.teacher["backbone"]
-
-    # ------------------------------------------------------------------------------- forward
-    @torch.no_grad()
-    def _update_center(self, buffer: torch.Tensor, outputs: torch.Tensor) -> None:
-        """EMA of the buffer towards the mean of ``outputs [n, ..., K]`` over ALL ranks' samples
-        (the mean itself at the first training step)."""
-        k = outputs.shape[-1]
-        flat = outputs.detach().float().reshape(-1, k)
-        stats = torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])])  # [K + 1]: sum, count
-        dist.all_reduce_sum(stats)
-        mean = (stats[:k] / stats[k]).reshape(buffer.shape)
-        m = self.center_momentum if bool(self.center_ready) else 0.0
-        buffer.mul_(m).add_(mean, alpha=1.0 - m)
 
     def _student_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None
                           ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -20,8 +20,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from data.views import DINOViews, SimCLRViews, SingleView
+from data.views import AliceViews, DINOViews, SimCLRViews, SingleView
 from evaluation.knn import KNNMonitor
+from methods.alice import Alice
 from methods.dino import DINO
 from methods.mae import MAE
 from methods.simclr import SimCLR
@@ -47,6 +48,12 @@ def simclr_views(cfg, train: bool) -> SimCLRViews:
     """Pairs of views; on CUDA blur, noise, windowing and histogram shift run batched on the GPU
     (``device_stage``: the workers hand over float16 HU views, SimCLR.forward finishes them)."""
     return SimCLRViews(cfg, train=train, device_stage=torch.cuda.is_available())
+
+
+def alice_views(cfg, train: bool) -> AliceViews:
+    """A query crop of a scan and an anchor crop of the same anatomy in another scan of the manifest
+    (matched through the DATA.TEMPLATE registrations of the cache), training and validation alike."""
+    return AliceViews(cfg)
 
 
 def knn_monitor(cfg) -> Optional[KNNMonitor]:
@@ -79,6 +86,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("mae", MAE, single_view),
     Method("dino", DINO, dino_views, knn_monitor),
     Method("simclr", SimCLR, simclr_views),
+    Method("alice", Alice, alice_views, knn_monitor),
 )}
 
 DOWNSTREAM_VIEW: ViewBuilder = single_view  # the downstream job's view (fine-tune, linear, few-shot)

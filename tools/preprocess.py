@@ -7,7 +7,9 @@ Reads DATA.TRAIN_CSV / DATA.VAL_CSV / DATA.TEST_CSV (those set), orients each vo
 resamples it to DATA.SPACING, crops it to the head (DATA.HEAD_THRESHOLD) and stores int16 HU under
 DATA.CACHE_DIR/<key>/ (see data/cache.py) over DATA.NUM_WORKERS processes. Resumable: run it again
 after an interruption and only the missing entries are done. Under DATA.ON_ERROR skip, bad inputs
-go to DATA.CACHE_DIR/<key>/skipped.csv (path, reason).
+go to DATA.CACHE_DIR/<key>/skipped.csv (path, reason). With DATA.TEMPLATE set, every scan is also
+registered to that head-CT template (data/registration.py); the transform goes into the entry's sidecar,
+refused registrations into DATA.CACHE_DIR/<key>/registration.csv (docs/data.md#registration-to-a-head-ct-template).
 """
 from __future__ import annotations
 

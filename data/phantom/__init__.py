@@ -33,13 +33,14 @@ Modules, in the order they build on each other:
 ``render``             head-frame points -> tissues, lesions, HU; a series -> a volume
 ``lesion_sampling``    which lesions a patient has, where and how big
 ``nifti``              int16 NIfTI files in HU
-``dataset``            ``make_phantom`` (one volume), ``write_dataset`` (volumes + manifests)
+``dataset``            ``make_phantom`` (one volume), ``write_dataset`` (volumes + manifests), ``make_template``
 ``cli``                ``python -m data.phantom`` (``__main__``)
 =====================  ====================================================================
 """
 from data.phantom.anatomy import Anatomy, sample_anatomy, tissue_masks_of
 from data.phantom.cli import main
-from data.phantom.dataset import (COORD_COLUMNS, CSV_COLUMNS, LESION_VALUES, SECOND_SERIES_PROB, make_phantom,
+from data.phantom.dataset import (COORD_COLUMNS, CSV_COLUMNS, LESION_VALUES, SECOND_SERIES_PROB, TEMPLATE_SEED,
+                                  make_phantom, make_template,
                                   plan_dataset, write_dataset)
 from data.phantom.geometry import FOV_MM, phantom_affine, spacing_for_size
 from data.phantom.lesion_sampling import sample_lesion_kinds, sample_lesions
@@ -52,8 +53,8 @@ from data.phantom.scanner import Pose, Scan, sample_pose, sample_scan
 __all__ = [
     "Anatomy", "COORD_COLUMNS", "CSV_COLUMNS", "FOV_MM", "LABEL_COLUMNS", "LESION_BITS", "LESION_KINDS",
     "LESION_VALUES", "Lesion", "OVERRIDE_KEYS", "Pose", "SECOND_SERIES_PROB", "SUBTYPES", "SUBTYPE_PROB", "Scan",
-    "main",
-    "make_phantom", "phantom_affine", "plan_dataset", "render", "sample_anatomy", "sample_lesion_kinds",
+    "TEMPLATE_SEED", "main", "make_phantom", "make_template", "phantom_affine", "plan_dataset", "render",
+    "sample_anatomy", "sample_lesion_kinds",
     "sample_lesions", "sample_pose", "sample_scan", "save_nifti", "spacing_for_size", "tissue_masks_of",
     "write_dataset",
 ]

@@ -1,13 +1,18 @@
-"""Command line of the phantom: ``python -m data.phantom --out DIR --n N [--size S] [--seed K] [--masks]``."""
+"""Command line of the phantom.
+
+    python -m data.phantom --out DIR --n N [--size S] [--seed K] [--masks] [--template]
+"""
 from __future__ import annotations
 
 import argparse
 import csv
 import time
+from pathlib import Path
 from typing import Optional
 
-from data.phantom.dataset import write_dataset
+from data.phantom.dataset import make_template, write_dataset
 from data.phantom.geometry import spacing_for_size
+from data.phantom.nifti import save_nifti
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -21,12 +26,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--masks", action="store_true", help=(
         "also write masks/<id>_<lesion>.nii.gz and one label map per scan, masks/<id>.nii.gz (0 background, IPH 1, "
         "IVH 2, SDH 3, EDH 4, SAH 5, Fracture 6), named by a mask_path column of the manifests"))
+    ap.add_argument("--template", action="store_true", help=(
+        "also write template.nii.gz: a healthy phantom head in the neutral pose, the common frame of Alice's "
+        "cross-scan views (DATA.TEMPLATE)"))
     ap.add_argument("--verbose", action="store_true", help="one line per volume")
     args = ap.parse_args(argv)
     if args.n < 1 or args.size < 16:
         ap.error(f"--n must be >= 1 and --size >= 16 (got --n {args.n} --size {args.size})")
     t0 = time.perf_counter()
     paths = write_dataset(args.out, args.n, args.size, args.seed, args.masks, args.verbose, label_maps=args.masks)
+    if args.template:
+        hu, affine = make_template(args.size)
+        save_nifti(Path(args.out) / "template.nii.gz", hu, affine)
     counts = {}
     for split, p in paths.items():
         with open(p) as f:

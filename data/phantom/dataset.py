@@ -13,7 +13,7 @@ from data.phantom.lesion_sampling import sample_lesion_kinds, sample_lesions
 from data.phantom.lesions import LABEL_COLUMNS, LESION_KINDS
 from data.phantom.nifti import save_mask, save_nifti
 from data.phantom.render import render
-from data.phantom.scanner import sample_scan
+from data.phantom.scanner import Pose, sample_scan
 
 CSV_COLUMNS = ("img_path", "id", "patient_id") + LABEL_COLUMNS
 # values of the lesion kinds in the label maps (masks/<id>.nii.gz, the manifests' mask_path): 0 background,
@@ -31,7 +31,7 @@ def _as_rng(rng_or_seed: Union[int, np.random.Generator, None]) -> np.random.Gen
 
 
 def make_phantom(rng_or_seed: Union[int, np.random.Generator] = 0, size: int = 64,
-                 lesions: Optional[dict] = None
+                 lesions: Optional[dict] = None, pose: Optional[Pose] = None
                  ) -> tuple[np.ndarray, np.ndarray, dict[str, int], dict[str, np.ndarray]]:
     """One synthetic head CT.
 
@@ -41,6 +41,7 @@ def make_phantom(rng_or_seed: Union[int, np.random.Generator] = 0, size: int = 6
         lesions: None draws lesions with the dataset's prevalence; a dict fixes them exactly:
             ``{}`` healthy, ``{"IPH": True, "Fracture": {"size_mm": 30}}`` (see ``sample_lesions``
             for the override keys).
+        pose: the head's pose (head frame -> world); None draws one (``sample_scan``).
 
     Returns:
         hu: float32 ``[X, Y, Z]`` integer-valued HU (RAS array order).
@@ -56,7 +57,25 @@ def make_phantom(rng_or_seed: Union[int, np.random.Generator] = 0, size: int = 6
     kinds = sample_lesion_kinds(rng) if lesions is None else lesions
     les = sample_lesions(rng, anatomy, kinds)
     scan = sample_scan(rng)
+    if pose is not None:
+        scan.pose = pose
     return render(anatomy, les, scan, size, rng)
+
+
+TEMPLATE_SEED = 12345  # the phantom template's head (any seed gives a plausible one)
+
+
+def make_template(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The phantom's template head: healthy, in the neutral pose (no tilt, centred), as a head-CT atlas is.
+
+    A common frame for the phantom's heads (``DATA.TEMPLATE`` of the Alice demo): registering each
+    head to it maps the same anatomy to the same template coordinates. Deterministic.
+
+    Returns:
+        hu: float32 ``[X, Y, Z]`` HU; affine: (4, 4) voxel -> world mm (RAS).
+    """
+    hu, affine, _, _ = make_phantom(TEMPLATE_SEED, size, lesions={}, pose=Pose(np.zeros(3), np.zeros(3)))
+    return hu, affine
 
 
 def _allocate(group: list[int]) -> dict[str, list[int]]:

@@ -15,6 +15,7 @@ One module per reason to change:
 ==============  =====================================================================================
 ``single``      :class:`SingleView` (MAE, downstream), :func:`window_tensor`, :func:`random_flip`
 ``dino``        :class:`DINOViews`: multi-crop, global and local crops
+``alice``       :class:`AliceViews`: the same anatomy in two scans, matched through a template
 ``simclr``      :class:`SimCLRViews`: positive pairs per ``SIMCLR.MODE``
 ``geometry``    random boxes and resized crops (DINO, SimCLR), seed points and negative regions
 ``augment``     per-crop augmentation: parameters, draw, application (:func:`filter_batch`, ...)
@@ -24,6 +25,7 @@ One module per reason to change:
 
 ``from data.views import X`` serves every public name of these modules.
 """
+from data.views.alice import AliceViews, centered_crop
 from data.views.augment import (AUG_FIELDS, CropAugment, augment_crop, draw_augment, filter_batch,
                                 window_batch)
 from data.views.device import crops_from_heads, dino_batch_transform, simclr_batch_transform
@@ -37,11 +39,11 @@ from data.views.simclr import SIMCLR_AUGMENT, SimCLRAugment, SimCLRViews, views_
 from data.views.single import SingleView, random_flip, window_tensor
 
 __all__ = [
-    "AUG_FIELDS", "CropAugment", "DINOViews", "DINO_GLOBAL_AUGMENTS", "DINO_LOCAL_AUGMENT", "DINO_MAX_ASPECT",
-    "NOISE_BANK_MARGIN", "NOISE_BANK_SEED", "SIMCLR_AUGMENT", "SIMCLR_MAX_TRIES", "SimCLRAugment", "SimCLRViews",
-    "SingleView", "apply_histogram_curve", "augment_crop", "crops_from_heads", "dino_batch_transform",
-    "draw_augment", "draw_histogram_curve", "filter_batch", "gaussian_blur3", "histogram_shift", "noise_field",
-    "noise_window", "random_flip", "random_head_voxel", "resized_crop", "sample_crop_box",
-    "sample_negative_center", "simclr_batch_transform", "views_per_scan", "window_batch", "window_tensor",
-    "world_to_voxel",
+    "AUG_FIELDS", "AliceViews", "CropAugment", "DINOViews", "DINO_GLOBAL_AUGMENTS", "DINO_LOCAL_AUGMENT",
+    "DINO_MAX_ASPECT", "NOISE_BANK_MARGIN", "NOISE_BANK_SEED", "SIMCLR_AUGMENT", "SIMCLR_MAX_TRIES",
+    "SimCLRAugment", "SimCLRViews", "SingleView", "apply_histogram_curve", "augment_crop", "centered_crop",
+    "crops_from_heads", "dino_batch_transform", "draw_augment", "draw_histogram_curve", "filter_batch",
+    "gaussian_blur3", "histogram_shift", "noise_field", "noise_window", "random_flip", "random_head_voxel",
+    "resized_crop", "sample_crop_box", "sample_negative_center", "simclr_batch_transform", "views_per_scan",
+    "window_batch", "window_tensor", "world_to_voxel"
 ]

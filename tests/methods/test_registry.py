@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import main_downstream
+import main_pretrain_alice
 import main_pretrain_dino
 import main_pretrain_mae
 import main_pretrain_simclr
@@ -15,6 +16,7 @@ from data.views import DINOViews, SimCLRViews, SingleView
 from engine.launch import build_backbone_from_cfg
 from methods import registry
 from evaluation.knn import KNNMonitor
+from methods.alice import Alice
 from methods.dino import DINO
 from methods.mae import MAE
 from methods.registry import DOWNSTREAM_VIEW, METHODS, get_method
@@ -23,7 +25,8 @@ from methods.simclr import SimCLR
 TINY = ["DATA.ROI", "[16, 16, 16]", "MODEL.NAME", "vit_tiny", "MODEL.PATCH_SIZE", "[8, 8, 8]",
         "DINO.LOCAL_CROP_SIZE", "[8, 8, 8]", "DINO.LOCAL_CROPS_NUMBER", "2", "DINO.OUT_DIM", "64",
         "DINO.HEAD_HIDDEN_DIM", "32", "DINO.HEAD_BOTTLENECK_DIM", "16", "DATA.BATCH_SIZE", "2"]
-ENTRIES = {"mae": main_pretrain_mae, "dino": main_pretrain_dino, "simclr": main_pretrain_simclr}
+ENTRIES = {"mae": main_pretrain_mae, "dino": main_pretrain_dino, "simclr": main_pretrain_simclr,
+           "alice": main_pretrain_alice}
 
 
 def tiny_cfg(name: str, *extra: str):
@@ -38,11 +41,11 @@ def head(seed: int) -> np.ndarray:
 
 
 def test_registered_names_and_classes():
-    assert set(METHODS) == {"mae", "dino", "simclr"}
-    assert [METHODS[n].cls for n in ("mae", "dino", "simclr")] == [MAE, DINO, SimCLR]
+    assert set(METHODS) == {"mae", "dino", "simclr", "alice"}
+    assert [METHODS[n].cls for n in ("mae", "dino", "simclr", "alice")] == [MAE, DINO, SimCLR, Alice]
     assert all(m.name == n for n, m in METHODS.items())
     assert get_method("dino") is METHODS["dino"]
-    with pytest.raises(ValueError, match=r"unknown method 'byol'; registered: \['dino', 'mae', 'simclr'\]"):
+    with pytest.raises(ValueError, match=r"unknown method 'byol'; registered: \['alice', 'dino', 'mae', 'simclr'\]"):
         get_method("byol")
 
 

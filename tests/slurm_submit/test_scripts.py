@@ -16,9 +16,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SUBMIT = REPO / "slurm_submit"
-SCRIPTS = ("pretrain_mae", "pretrain_dino", "pretrain_simclr", "downstream", "downstream_sweep")
+SCRIPTS = ("pretrain_mae", "pretrain_dino", "pretrain_simclr", "pretrain_alice", "downstream", "downstream_sweep")
 ENTRIES = {"pretrain_mae": "main_pretrain_mae.py", "pretrain_dino": "main_pretrain_dino.py",
-           "pretrain_simclr": "main_pretrain_simclr.py", "downstream": "main_downstream.py",
+           "pretrain_simclr": "main_pretrain_simclr.py", "pretrain_alice": "main_pretrain_alice.py",
+           "downstream": "main_downstream.py",
            "downstream_sweep": "main_downstream.py"}
 SLURM_VARS = [k for k in os.environ if k.startswith(("SLURM_", "SBATCH_", "SRUN_"))]
 

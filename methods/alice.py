@@ -1,0 +1,339 @@
+"""Alice (Jiang et al., ICCV 2023): self-distillation between views of the same anatomy in two heads,
+aligned by cross-attention (CASA), with masked-patch reconstruction.
+
+Batch (from the Alice view, already windowed, both crops the same size)::
+
+    {"query":  [B, C, *ROI]   a crop of scan A around a point p,
+     "anchor": [B, C, *ROI]   the same anatomy in scan B (matched through DATA.TEMPLATE), or, where no
+                              match exists, another crop of scan A around p,
+     "cross":  [B] float32    1 = the anchor comes from another scan, 0 = from the same one}
+
+The student (backbone + heads + CASA + decoder) sees both crops block-masked
+(:func:`block_patch_mask`, ``ALICE.MASK_RATIO`` of the patches replaced by the ViT's mask token);
+the teacher (EMA copies of backbone, head, CASA and patch head; :class:`methods.dino.SelfDistillation`)
+sees them unmasked. The loss is
+
+``dino + ALICE.PATCH_WEIGHT * patch + ALICE.RECON_WEIGHT * recon (+ DINO.KOLEO_WEIGHT * koleo)``:
+
+1. ``dino``: DINO's cross-entropy (:func:`methods.losses.dino.dino_loss`) between the pooled features of
+   the student's query and the teacher's anchor, and of the student's anchor and the teacher's query
+   (centre ``center``, teacher temperature and momentum schedules from ``DINO.*``).
+2. ``patch``: CASA (:class:`CrossAttentionBlock`) lets each view's patch tokens attend to the OTHER
+   view's patch tokens (query -> anchor and anchor -> query). At every masked position of a view, the
+   student's CASA output (masked tokens attending to the other view's masked tokens) through
+   ``patch_head`` is matched by iBOT's cross-entropy (:func:`methods.losses.dino.ibot_patch_loss`,
+   centre ``patch_center``) to the teacher's CASA output at the same position (the teacher's EMA
+   CASA and patch head on the unmasked tokens of both views). The target thus carries what the
+   teacher reads of the same anatomy in the other scan, and the student must recover it from
+   partial views of both.
+3. ``recon``: a light decoder (:class:`ReconstructionDecoder`, ``ALICE.DECODER_DIM`` wide,
+   ``ALICE.DECODER_DEPTH`` blocks, then a linear layer to patch voxels) on the student's patch tokens;
+   MSE on the masked patches to per-patch standardised voxels of the input crop (as MAE's norm-pix loss).
+4. ``koleo``: DINOv2's KoLeo on the student's pooled features of each view, when ``DINO.KOLEO_WEIGHT > 0``.
+
+Differences from the paper: the anatomical match comes from registration of each scan to a template
+(the view's business) instead of the SAM landmark network, and a failed match falls back to a
+same-scan pair (``cross`` = 0, logged as ``cross_fraction``); no multi-crop (two global-size views);
+one fixed masking ratio for every student crop; the reconstruction head is this codebase's light
+decoder. The two extra terms default to weight 1 (``ALICE.PATCH_WEIGHT``, ``ALICE.RECON_WEIGHT``):
+equal weighting of the three terms, the simplest choice, not tuned on head CT; a weight of 0
+removes the term's modules (CASA + patch head, or the decoder) so DDP never meets unused parameters.
+
+ViT backbones only (:class:`models.vit3d.VisionTransformer3D`): masking replaces patch tokens by the
+mask token and CASA and the decoder work per patch token. Swin's last stage is 1/32 of the input
+with no per-patch mask token, and CNNs have no tokens, so they are refused at construction.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.models.vision_transformer import Block
+
+from methods.dino import SelfDistillation
+from methods.losses.dino import dino_loss, ibot_patch_loss, koleo_loss
+from methods.mae import mae_loss
+from models.heads import DINOHead
+from models.mae import patchify
+from models.pos_embed import grid_to_tokens, sincos_3d
+from models.vit3d import VisionTransformer3D
+
+# BEiT/iBOT block masking: a block covers at least this many patches, its sides' ratios lie in
+# [BLOCK_ASPECT, 1 / BLOCK_ASPECT] (BEiT's min_num_patches = 4 and min_aspect = 0.3)
+MIN_BLOCK_PATCHES = 4
+BLOCK_ASPECT = 0.3
+# candidate blocks drawn per sample; in the rare case that all of them together cover too few
+# patches, random patches fill the rest
+NUM_BLOCKS = 32
+
+
+def num_masked(num_patches: int, ratio: float) -> int:
+    """Masked patches ``round(ratio * N)``; ValueError unless at least one is masked and one visible."""
+    n = int(round(ratio * num_patches))
+    if not 0 < n < num_patches:
+        raise ValueError(f"ALICE.MASK_RATIO = {ratio} masks {n} of {num_patches} patches; at least one patch "
+                         "must be masked and at least one visible")
+    return n
+
+
+def block_patch_mask(batch_size: int, grid: Sequence[int], ratio: float, device: torch.device) -> torch.Tensor:
+    """BEiT/iBOT block masking in 3D: per sample, cuboids of patches until ``round(ratio * N)`` are masked.
+
+    Per sample, :data:`NUM_BLOCKS` cuboids are drawn (volume uniform in ``[4, target]`` patches, log-uniform
+    side ratios, uniform position) and taken in order while their union stays within the target; the
+    first cuboid that would overshoot contributes its new patches in raster order (a contiguous slab)
+    up to the target. Every sample gets exactly ``round(ratio * N)`` masked patches. All draws come
+    from the torch RNG of ``device`` (seeded per rank by the engine, restored on resume) in a fixed
+    number of calls, without host synchronisation.
+
+    Args:
+        batch_size: B.
+        grid: patch grid ``(gd, gh, gw)``; ``N = gd * gh * gw`` in the ViT's raster order.
+        ratio: fraction of the patches masked.
+        device: where the mask is drawn.
+
+    Returns:
+        ``[B, N]`` bool, True = masked.
+    """
+    g = torch.tensor([int(s) for s in grid], device=device)  # [3]
+    n = math.prod(int(s) for s in grid)
+    target = num_masked(n, ratio)
+    k = NUM_BLOCKS
+    lo, hi = float(MIN_BLOCK_PATCHES), float(max(target, MIN_BLOCK_PATCHES))
+    volume = lo + (hi - lo) * torch.rand(batch_size, k, device=device)  # [B, K]
+    log_aspect = (2 * torch.rand(batch_size, k, 3, device=device) - 1) * math.log(1 / BLOCK_ASPECT)  # [B, K, 3]
+    log_aspect = log_aspect - log_aspect.mean(-1, keepdim=True)  # the three factors multiply to 1
+    sides = (volume.log()[..., None] / 3 + log_aspect).exp().round().clamp_min(1)  # [B, K, 3]
+    sides = torch.minimum(sides, g.float()).long()
+    start = (torch.rand(batch_size, k, 3, device=device) * (g - sides + 1)).long()  # [B, K, 3]
+    axes = [torch.arange(int(s), device=device) for s in grid]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(1, 1, n, 3)  # [1, 1, N, 3]
+    inside = ((coords >= start[:, :, None]) & (coords < (start + sides)[:, :, None])).all(-1)  # [B, K, N]
+
+    cover = inside.cumsum(1, dtype=torch.int32) > 0  # [B, K, N]: union of the first k + 1 blocks
+    n_full = (cover.sum(-1) <= target).sum(1)  # [B]: leading blocks taken whole (union is monotone)
+    rows = torch.arange(batch_size, device=device)
+    cover = torch.cat([torch.zeros_like(cover[:, :1]), cover], 1)  # [B, K + 1, N]
+    mask = cover[rows, n_full]  # [B, N]
+    fresh = inside[rows, n_full.clamp(max=k - 1)] & ~mask & (n_full < k)[:, None]  # next block's new patches
+    deficit = target - mask.sum(-1)  # [B]
+    mask = mask | (fresh & (fresh.cumsum(-1) <= deficit[:, None]))
+    deficit = target - mask.sum(-1)  # > 0 only where all K blocks cover fewer than the target
+    noise = torch.rand(batch_size, n, device=device) + mask.float()  # masked patches sort last
+    rank = noise.argsort(1).argsort(1)
+    return mask | (rank < deficit[:, None])
+
+
+class CrossAttentionBlock(nn.Module):
+    """CASA: a pre-norm transformer block whose queries attend to ANOTHER token set.
+
+    ``x = q + Proj(Attn(LN(q), LN(kv)))``; ``x = x + MLP(LN(x))`` with
+    ``F.scaled_dot_product_attention``.
+
+    Args:
+        dim: token width D (both inputs).
+        num_heads: attention heads (``dim`` divisible by it).
+        mlp_ratio: MLP hidden width / D.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"CASA width {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.norm_q = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_kv = nn.LayerNorm(dim, eps=1e-6)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm_mlp = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """``query [B, Nq, D]`` attends to ``context [B, Nk, D]`` -> ``[B, Nq, D]``."""
+        b, nq, d = query.shape
+        nk, hd = context.shape[1], d // self.num_heads
+        q = self.q(self.norm_q(query)).reshape(b, nq, self.num_heads, hd).transpose(1, 2)  # [B, h, Nq, hd]
+        k, v = self.kv(self.norm_kv(context)).reshape(b, nk, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, h, Nq, hd]
+        x = query + self.proj(out.transpose(1, 2).reshape(b, nq, d))
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class ReconstructionDecoder(nn.Module):
+    """Light decoder from encoder patch tokens to patch voxels: Linear -> + fixed 3D sin-cos position
+    -> ``depth`` timm Blocks (heads of width 32, one head when the width is not a multiple of 32)
+    -> LayerNorm -> Linear.
+
+    Args:
+        token_dim: encoder token width.
+        decoder_dim: ``ALICE.DECODER_DIM`` (even, >= 6, for the sin-cos table).
+        depth: ``ALICE.DECODER_DEPTH`` (0 = linear decoder).
+        patch_size: ``(pd, ph, pw)``.
+        in_chans: C (channels predicted per voxel).
+        grid: patch grid of ``DATA.ROI`` (other grids get their table on the fly).
+    """
+
+    def __init__(self, token_dim: int, decoder_dim: int, depth: int, patch_size: Sequence[int], in_chans: int,
+                 grid: Sequence[int]) -> None:
+        super().__init__()
+        self.decoder_dim = decoder_dim
+        self.grid = tuple(int(s) for s in grid)
+        num_heads = decoder_dim // 32 if decoder_dim % 32 == 0 else 1
+        self.embed = nn.Linear(token_dim, decoder_dim)
+        self.register_buffer("pos_embed", grid_to_tokens(sincos_3d(decoder_dim, self.grid)), persistent=False)
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.ModuleList([Block(decoder_dim, num_heads, 4.0, qkv_bias=True, norm_layer=norm_layer)
+                                     for _ in range(depth)])
+        self.norm = norm_layer(decoder_dim)
+        self.pred = nn.Linear(decoder_dim, math.prod(int(p) for p in patch_size) * in_chans)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """Patch tokens ``[B, N, token_dim]`` on ``grid`` -> voxels ``[B, N, pd*ph*pw*C]``."""
+        pos = self.pos_embed if tuple(grid) == self.grid else \
+            grid_to_tokens(sincos_3d(self.decoder_dim, grid)).to(tokens.device)
+        x = self.embed(tokens) + pos.to(tokens.dtype)  # [B, N, Dd]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.pred(self.norm(x))
+
+
+def check_backbone(cfg: Any, backbone: nn.Module) -> None:
+    """ValueError naming ``MODEL.NAME`` unless ``backbone`` is a ViT (patch tokens and a mask token)."""
+    if not isinstance(backbone, VisionTransformer3D):
+        raise ValueError(
+            f"Alice needs a ViT backbone (MODEL.NAME vit_*); got MODEL.NAME = {cfg.MODEL.NAME!r} "
+            f"({type(backbone).__name__}). Its student replaces masked patches by the ViT's mask token and "
+            "its cross-attention (CASA) and decoder work on one token per patch: CNNs (segresnet, resnet*) "
+            "have no tokens and Swin (swin) has neither a mask token nor per-patch tokens at its last stage")
+
+
+class Alice(SelfDistillation):
+    """Alice objective; ``Alice(cfg, backbone)``. See the module docstring for what it computes.
+
+    Batch: ``{"query": [B, C, *ROI], "anchor": [B, C, *ROI], "cross": [B]}``. Returns ``{"loss",
+    "dino_loss", "teacher_entropy", "kl", "teacher_temp", "momentum"}`` plus ``"patch_loss"`` /
+    ``"recon_loss"`` when their weights are > 0, ``"koleo"`` when ``DINO.KOLEO_WEIGHT > 0`` and
+    ``"cross_fraction"`` (mean of ``batch["cross"]``) when the batch has it.
+
+    State (``state_dict``): ``backbone.*`` (with ``backbone.mask_token``), ``head.*``, ``casa.*``,
+    ``patch_head.*``, ``decoder.*`` (student), ``teacher.backbone.*``, ``teacher.head.*``,
+    ``teacher.casa.*``, ``teacher.patch_head.*``, ``center``, ``patch_center``, ``center_ready``
+    (CASA, patch head, their teacher copies and ``patch_center`` only with ``ALICE.PATCH_WEIGHT > 0``;
+    the decoder only with ``ALICE.RECON_WEIGHT > 0``). Schedules follow the global iteration, which
+    the engine checkpoints. ``backbone.pth`` is the teacher backbone; its ``mask_token`` entry is
+    reported as unexpected, and skipped, by :func:`models.zoo.load_pretrained` into a ViT built without one.
+
+    Args:
+        cfg: config (``ALICE.*``, ``DINO.*`` for heads, temperatures, momentum, centre, freeze and
+            KoLeo, ``TRAIN.EPOCHS``, ``DATA.ROI``, ``MODEL.NAME`` for messages).
+        backbone: a :class:`models.vit3d.VisionTransformer3D`; a mask token is added when it has none
+            (zeros, as the ViT creates it), so the student can mask without ``DINO.IBOT_WEIGHT``.
+    """
+
+    def __init__(self, cfg: Any, backbone: nn.Module) -> None:
+        super().__init__()
+        check_backbone(cfg, backbone)
+        d, a = cfg.DINO, cfg.ALICE
+        if backbone.mask_token is None:
+            ref = backbone.cls_token
+            backbone.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.token_dim, device=ref.device,
+                                                           dtype=ref.dtype))
+        self.backbone = backbone
+        self.mask_ratio = float(a.MASK_RATIO)
+        self.patch_weight = float(a.PATCH_WEIGHT)
+        self.recon_weight = float(a.RECON_WEIGHT)
+        self.koleo_weight = float(d.KOLEO_WEIGHT)
+        grid = backbone.grid_size(cfg.DATA.ROI)
+        num_masked(math.prod(grid), self.mask_ratio)  # fail at build time, naming ALICE.MASK_RATIO
+
+        def dino_head(in_dim: int) -> DINOHead:
+            return DINOHead(in_dim, int(d.OUT_DIM), int(d.HEAD_HIDDEN_DIM), int(d.HEAD_BOTTLENECK_DIM),
+                            norm_last_layer=bool(d.NORM_LAST_LAYER), use_bn=bool(d.HEAD_BN))
+
+        self.head = dino_head(backbone.embed_dim)
+        with_teacher = ["backbone", "head"]
+        if self.patch_weight > 0:
+            self.casa = CrossAttentionBlock(backbone.token_dim, backbone.num_heads)
+            self.patch_head = dino_head(backbone.token_dim)
+            with_teacher += ["casa", "patch_head"]
+        if self.recon_weight > 0:
+            self.decoder = ReconstructionDecoder(backbone.token_dim, int(a.DECODER_DIM), int(a.DECODER_DEPTH),
+                                                 backbone.patch_size, backbone.in_chans, grid)
+        self._make_teacher(with_teacher)
+        self._register_centers(int(d.OUT_DIM), patch=self.patch_weight > 0)
+        self._init_schedules(cfg)
+
+    @staticmethod
+    def _aligned(casa: nn.Module, patches: torch.Tensor) -> torch.Tensor:
+        """CASA across the two views: ``patches [2B, N, D]`` (queries, then anchors) -> ``[2B, N, D]``,
+        each query crop's tokens attending to its anchor's and each anchor's to its query's."""
+        q, a = patches.chunk(2)  # [B, N, D] each
+        return casa(patches, torch.cat([a, q]))
+
+    def forward(self, batch: dict) -> dict:
+        """``{"query": [B, C, *ROI], "anchor": [B, C, *ROI], "cross": [B]}`` -> loss and monitors."""
+        xq, xa = batch["query"], batch["anchor"]
+        if xq.ndim != 5 or xq.shape != xa.shape:
+            raise ValueError(f"Alice expects batch['query'] and batch['anchor'] of one shape [B, C, D, H, W]; got "
+                             f"{tuple(xq.shape)} and {tuple(xa.shape)}")
+        b = xq.shape[0]
+        x = torch.cat([xq, xa])  # [2B, C, D, H, W]: query crops, then anchor crops
+        grid = self.backbone.grid_size(x.shape[2:])
+        p = self.backbone.num_prefix_tokens
+        use_patch = self.patch_weight > 0
+
+        with torch.no_grad():
+            t_tokens = self.teacher["backbone"].forward_features(x)  # [2B, P+N, D]
+            t_logits = self.teacher["head"](self.teacher["backbone"].pool_tokens(t_tokens)).float()  # [2B, K]
+            if use_patch:
+                t_aligned = self._aligned(self.teacher["casa"], t_tokens[:, p:])  # [2B, N, D]
+                t_patch = self.teacher["patch_head"](t_aligned).float()  # [2B, N, K]
+
+        mask = block_patch_mask(2 * b, grid, self.mask_ratio, x.device)  # [2B, N]
+        s_tokens = self.backbone.forward_features(x, mask=mask)  # [2B, P+N, D]
+        s_feat = self.backbone.pool_tokens(s_tokens)  # [2B, E]
+        k = t_logits.shape[-1]
+        student = self.head(s_feat).float().reshape(2, b, k)  # [2, B, K]: query, anchor
+        # dino_loss skips the (i, i) pairs: student query vs teacher anchor, student anchor vs teacher query
+        loss, monitors = dino_loss(student, t_logits.reshape(2, b, k), self.center, self.student_temp,
+                                   self.teacher_temp)
+        out = {"dino_loss": loss.detach()}
+        total = loss
+        if use_patch:
+            s_patch = self.patch_head(self._aligned(self.casa, s_tokens[:, p:]))  # [2B, N, K]
+            patch = ibot_patch_loss(s_patch, t_patch, mask, self.patch_center, self.student_temp, self.teacher_temp)
+            total = total + self.patch_weight * patch
+            out["patch_loss"] = patch.detach()
+        if self.recon_weight > 0:
+            pred = self.decoder(s_tokens[:, p:], grid)  # [2B, N, pd*ph*pw*C]
+            recon = mae_loss(pred, patchify(x, self.backbone.patch_size), mask, norm_pix=True)
+            total = total + self.recon_weight * recon
+            out["recon_loss"] = recon.detach()
+        if self.koleo_weight > 0:
+            koleo = torch.stack([koleo_loss(f) for f in s_feat.reshape(2, b, -1)]).mean()
+            total = total + self.koleo_weight * koleo
+            out["koleo"] = koleo.detach()
+        if self.training:  # validation never moves the centres
+            self._update_center(self.center, t_logits)
+            if use_patch:
+                self._update_center(self.patch_center, t_patch)
+            self.center_ready.fill_(True)
+        out.update(monitors)
+        out.update({"loss": total, "teacher_temp": self.teacher_temp, "momentum": self.momentum})
+        if "cross" in batch:
+            out["cross_fraction"] = batch["cross"].detach().float().mean()
+        return out
