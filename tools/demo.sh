@@ -28,7 +28,7 @@ start=$(date +%s)
 stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 
 stamp "1/4 phantom: $N synthetic head CTs with ICH labels -> $P"
-"$PY" -m data.phantom --out "$P" --n "$N"
+"$PY" -m data.phantom --out "$P" --n "$N" --template  # template.nii.gz: the Alice demo's common frame
 
 stamp "2/4 MAE pretraining of a ViT-tiny -> $OUT/mae"
 "$PY" main_pretrain_mae.py --cfg configs/demo/mae.yaml --opts OUTPUT "$OUT/mae" "${DATA[@]}" ${MAE_OPTS[@]+"${MAE_OPTS[@]}"}

@@ -165,3 +165,28 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tmp_path):
     # a second call reuses every finished run
     again = main(argv)
     assert again["seconds"] == {}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ADRENAL.is_file(), reason=f"{ADRENAL} (shared data) not present")
+def test_the_study_alice_recipe_pairs_volumes_through_the_identity_template(tmp_path):
+    """MedMNIST volumes are centred: configs/study/alice.yaml takes DATA.TEMPLATE identity, so every anchor
+    view comes from another volume (cross_fraction 1) without any registration."""
+    import subprocess
+    import sys
+    from benchmarks.pretrain_gain import method_of, read_archs
+    repo = Path(__file__).resolve().parents[2]
+    archs = read_archs(repo / "benchmarks" / "pretrain_gain_archs.yaml", ["vit_tiny"])
+    assert method_of("alice", archs["vit_tiny"]["pretrain"]["alice"]) == "alice"
+    data = tmp_path / "adrenal"
+    convert(str(ADRENAL), str(data), limit=8)
+    r = subprocess.run([sys.executable, "main_pretrain_alice.py", "--cfg", "configs/study/alice.yaml", "--opts",
+                        "OUTPUT", str(tmp_path / "run"), "DATA.TRAIN_CSV", str(data / "train.csv"),
+                        "DATA.VAL_CSV", "", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "DATA.BATCH_SIZE", "4",
+                        "DATA.NUM_WORKERS", "0", "MONITOR.NUM_SCANS", "4"],
+                       cwd=repo, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epoch = [row for row in rows if "epoch_s" in row][-1]
+    assert epoch["cross_fraction"] == 1.0 and np.isfinite(epoch["loss"]) and "feature_rank" in epoch
+    assert (tmp_path / "run" / "backbone.pth").is_file()
