@@ -352,6 +352,14 @@ def validate(cfg: CN) -> None:
         if cfg.DOWNSTREAM.FEATURE_CACHE:
             raise ConfigError("DOWNSTREAM.FEATURE_CACHE = True fits a logistic regression on pooled features; "
                               "DOWNSTREAM.TASK segment trains a decoder (FEATURE_CACHE False)")
+        roi = list(cfg.DATA.ROI)
+        if cfg.MODEL.NAME == "swin" and any(r % 32 or r < 64 for r in roi):
+            raise ConfigError(f"DATA.ROI = {roi}: the Swin segmenter (SwinUNETR's decoder) needs sizes divisible by 32 "
+                              "and at least 64 (at 32 its deepest stage is one voxel, which instance normalisation "
+                              "cannot normalise)")
+        if cfg.MODEL.NAME.startswith("resnet") and any(r % 32 for r in roi):
+            raise ConfigError(f"DATA.ROI = {roi}: the ResNet segmenter (a U-Net decoder on its stages) needs sizes "
+                              "divisible by 32")
         if not 0 <= cfg.DOWNSTREAM.SEG_OVERLAP < 1:
             raise ConfigError(f"DOWNSTREAM.SEG_OVERLAP = {cfg.DOWNSTREAM.SEG_OVERLAP!r}; it must lie in [0, 1)")
 

@@ -110,8 +110,10 @@ class SwinSegmenter(nn.Module):
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         from monai.networks.nets.swin_unetr import SwinTransformer
 
-        if any(s % 32 for s in x.shape[2:]):
-            raise ValueError(f"swin segmentation needs input sizes divisible by 32 (DATA.ROI); got {list(x.shape[2:])}")
+        if any(s % 32 or s < 64 for s in x.shape[2:]):
+            raise ValueError(f"swin segmentation needs input sizes divisible by 32 and at least 64 (DATA.ROI); got "
+                             f"{list(x.shape[2:])}: at 32 its deepest stage is one voxel, which instance "
+                             "normalisation cannot normalise")
         d = self.decoder
         hs = SwinTransformer.forward(self.encoder, x.contiguous(), True)  # 5 stages, 1/2 .. 1/32
         enc0, enc1, enc2, enc3 = d.encoder1(x), d.encoder2(hs[0]), d.encoder3(hs[1]), d.encoder4(hs[2])

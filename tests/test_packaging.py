@@ -37,7 +37,8 @@ def installed_names(pyproject: dict) -> set[str]:
 
 def test_console_scripts_resolve_to_callables(pyproject: dict) -> None:
     scripts = pyproject["project"]["scripts"]
-    assert {"headct-pretrain-mae", "headct-pretrain-dino", "headct-pretrain-simclr", "headct-downstream",
+    assert {"headct-pretrain-mae", "headct-pretrain-dino", "headct-pretrain-simclr", "headct-pretrain-alice",
+            "headct-downstream",
             "headct-phantom"} <= set(scripts)
     names = installed_names(pyproject)
     for command, target in scripts.items():

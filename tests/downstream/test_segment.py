@@ -87,6 +87,19 @@ def test_finetune_then_linear_on_its_encoder(phantom, tmp_path):
     assert "loaded" in (lin / "log.txt").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [
+    ["MODEL.NAME", "vit_tiny", "MODEL.PATCH_SIZE", "[8, 8, 8]"],
+    ["MODEL.NAME", "swin", "MODEL.FEATURE_SIZE", "12", "DATA.ROI", "[64, 64, 64]"],  # 32k, at least 64 (config.py)
+    ["MODEL.NAME", "resnet18", "MODEL.FEATURE_SIZE", "4", "DATA.ROI", "[32, 32, 32]"],  # divisible by 32
+], ids=["vit", "swin", "resnet"])
+def test_every_family_segments_end_to_end(phantom, tmp_path, family):
+    """The whole job (train, best epoch, sliding window, writing back) with each decoder; segresnet is above."""
+    main_downstream.main(opts(phantom, tmp_path, *family))
+    check_outputs(tmp_path, phantom)
+    assert f"NAME: {family[1]}" in (tmp_path / "config.yaml").read_text()
+
+
 class Threshold:
     """A stand-in segmenter: class 1 where the first window channel exceeds 0.5 (HU above the window centre)."""
 
@@ -173,7 +186,9 @@ def test_a_class_absent_from_every_mask_stops_naming_the_values(phantom, tmp_pat
 def test_config_refuses_bad_segmentation_settings(phantom, tmp_path):
     for extra, match in ((["DOWNSTREAM.SEG_CLASSES", "[]"], "SEG_CLASSES"),
                          (["DOWNSTREAM.SEG_CLASSES", "[0, 1]"], "SEG_CLASSES"),
-                         (["DOWNSTREAM.SEG_OVERLAP", "1.0"], "SEG_OVERLAP")):
+                         (["DOWNSTREAM.SEG_OVERLAP", "1.0"], "SEG_OVERLAP"),
+                         (["MODEL.NAME", "swin", "DATA.ROI", "[32, 32, 32]"], r"DATA.ROI = \[32, 32, 32\]: the Swin"),
+                         (["MODEL.NAME", "resnet18", "DATA.ROI", "[48, 48, 48]"], "divisible by 32")):
         with pytest.raises(ConfigError, match=match):
             main_downstream.main(opts(phantom, tmp_path / "x", *extra))
     draw = fewshot_rows(np.arange(2, 12), 3, 0)
