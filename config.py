@@ -57,7 +57,7 @@ _C.DATA.MAX_BAD_FRACTION = 0.05  # under 'skip', more bad inputs than this fract
 _C.DATA.TEMPLATE = ""
 # a registration whose similarity (normalised cross-correlation in the brain window, 1 = identical) is below
 # this is refused: the scan is listed in the cache's registration.csv and gets crop views only. Measured
-# (benchmarks/alice_matching.py): phantom heads 0.58-0.67 against the shared atlas, the atlas under a random affine
+# (benchmarks/alice_matching.py): phantom heads 0.58-0.69 against the shared atlas, the atlas under a random affine
 # 0.99; non-head and partial scans are refused by the scale and coverage checks, not by this value
 _C.DATA.TEMPLATE_MIN_SIMILARITY = 0.5
 

@@ -82,7 +82,10 @@ def preprocess_params(cfg) -> dict:
 
 
 def params_key(params: dict) -> str:
-    """Short stable hash of a parameter dict."""
+    """Short stable hash of a parameter dict (a template enters by its content hash, not its path: the same
+    template moved or named by another relative path keeps the key)."""
+    if "template" in params:
+        params = {**params, "template": {k: v for k, v in params["template"].items() if k != "path"}}
     blob = json.dumps(params, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -409,7 +412,7 @@ def preprocess_manifests(cfg, csv_paths: Optional[Sequence[PathLike]] = None,
         from tqdm import tqdm
         bar = tqdm(total=len(todo), desc="preprocess", unit="vol", dynamic_ncols=True)
 
-    def handle(result: tuple[str, str, str]) -> None:
+    def handle(result: tuple[str, str, str, Optional[dict]]) -> None:
         nonlocal n_done
         status, source, reason, registration = result
         if bar is not None:
@@ -467,18 +470,24 @@ def preprocess_manifests(cfg, csv_paths: Optional[Sequence[PathLike]] = None,
     return summary
 
 
-def _init_worker() -> None:
-    """One thread per worker process: the processes are the parallelism."""
+def _init_worker(register: bool = False) -> None:
+    """One thread per worker process: the processes are the parallelism (SimpleITK too, which otherwise
+    starts a thread per core in every worker)."""
     import torch
 
     torch.set_num_threads(1)
+    if register:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
 def _run_pool(todo: list[tuple[str, str]], root: str, params: dict, workers: int, handle) -> None:
     """At most ``4 * workers`` tasks in flight (a 400k-entry manifest is not submitted at once)."""
     it = iter(todo)
     pending: set[Future] = set()
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+                             initargs=("template" in params,)) as pool:
         try:
             while True:
                 while len(pending) < 4 * workers:

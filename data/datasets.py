@@ -140,8 +140,12 @@ class VolumeDataset(Dataset):
         while True:
             try:
                 hu, meta = self.load(row)
+                if getattr(self.view, "needs_partner", False):  # e.g. Alice: a second scan, drawn from the same rng
+                    sample = dict(self.view(hu, meta, rng, partner=self._partner(row, rng, skipped)))
+                else:
+                    sample = dict(self.view(hu, meta, rng))
                 break
-            except BadInputError as e:
+            except BadInputError as e:  # unreadable, or refused by the view (e.g. a scan smaller than its crop)
                 if not self.skip:
                     raise
                 skipped.append((e.path, e.reason))
@@ -151,17 +155,12 @@ class VolumeDataset(Dataset):
                                            f"are bad (last: {e}); more than DATA.MAX_BAD_FRACTION are "
                                            "bad") from None
                 row = (row + 1) % n
-        if getattr(self.view, "needs_partner", False):  # e.g. Alice: a second scan, drawn from the same rng
-            sample = dict(self.view(hu, meta, rng, partner=self._partner(row, rng, skipped)))
-        else:
-            sample = dict(self.view(hu, meta, rng))
         sample["index"] = row
         sample["id"] = self.manifest.ids[row]
         sample["skipped"] = skipped
         if self.manifest.label_names:
             sample["label"] = torch.from_numpy(self.manifest.labels[row].copy())  # [L]
         return sample
-
 
     def _partner(self, row: int, rng: np.random.Generator, skipped: list[tuple[str, str]]
                  ) -> Optional[tuple[np.ndarray, dict]]:

@@ -2,18 +2,21 @@
 
 The template (``DATA.TEMPLATE``, e.g. a brain atlas of 1 mm voxels in RAS) and every scan are mapped to the
 same brain-like intensity (:func:`brain_intensity`), averaged down to about :data:`REGISTRATION_SPACING_MM`
-mm, and aligned by SimpleITK: a centre-of-mass start, a similarity stage (rotation, translation, one scale)
-and an affine stage (12 degrees of freedom), both multi-resolution, driven by the correlation of the two
-images over the template's head region. One core registers a scan in about a second (docs/data.md).
+mm, and aligned by SimpleITK: a centre-of-mass start (the best of a few shifted starts after a coarse pass),
+a multi-resolution similarity stage (rotation, translation, one scale) and an affine stage (12 degrees of
+freedom) at the registration resolution, driven by the correlation of the two images over the template's
+head region. A scan costs about a second of CPU time (docs/data.md); ITK threads over every core unless told
+otherwise (the preprocessing workers run it on one thread each).
 
 Every physical coordinate handed to SimpleITK is a RAS world millimetre (the images' origin and direction
 come from the RAS affines as they are, without the LPS flip ITK uses for DICOM): both images share that
 frame, so the transform ITK finds maps template world -> scan world and its inverse is stored.
 
 A registration is refused (``ok`` False, the reason naming the value) when the normalised cross-correlation
-of the aligned scan and the template stays below the threshold, when the transform's scale or shear is not
-that of a head, or when the optimiser fails. A refused registration is never used: the scan keeps its
-same-scan views.
+of the aligned scan and the template stays below the threshold, when the scan's field of view covers too
+little of the template's head region, when the transform's scale or shear is not that of a head or it flips
+the head, when the volume holds nothing in the brain window, or when the optimiser fails. A refused
+registration is never used: the scan keeps its same-scan views.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ sees them unmasked. The loss is
 1. ``dino``: DINO's cross-entropy (:func:`methods.losses.dino.dino_loss`) between the pooled features of
    the student's query and the teacher's anchor, and of the student's anchor and the teacher's query
    (centre ``center``, teacher temperature and momentum schedules from ``DINO.*``).
-2. ``patch``: CASA (:class:`CrossAttentionBlock`) lets each view's patch tokens attend to the OTHER
+2. ``patch``: CASA (:class:`models.alice.CrossAttentionBlock`) lets each view's patch tokens attend to the OTHER
    view's patch tokens (query -> anchor and anchor -> query). At every masked position of a view, the
    student's CASA output (masked tokens attending to the other view's masked tokens) through
    ``patch_head`` is matched by iBOT's cross-entropy (:func:`methods.losses.dino.ibot_patch_loss`,
@@ -26,7 +26,7 @@ sees them unmasked. The loss is
    CASA and patch head on the unmasked tokens of both views). The target thus carries what the
    teacher reads of the same anatomy in the other scan, and the student must recover it from
    partial views of both.
-3. ``recon``: a light decoder (:class:`ReconstructionDecoder`, ``ALICE.DECODER_DIM`` wide,
+3. ``recon``: a light decoder (:class:`models.alice.ReconstructionDecoder`, ``ALICE.DECODER_DIM`` wide,
    ``ALICE.DECODER_DEPTH`` blocks, then a linear layer to patch voxels) on the student's patch tokens;
    MSE on the masked patches to per-patch standardised voxels of the input crop (as MAE's norm-pix loss).
 4. ``koleo``: DINOv2's KoLeo on the student's pooled features of each view, when ``DINO.KOLEO_WEIGHT > 0``.
@@ -46,21 +46,17 @@ with no per-patch mask token, and CNNs have no tokens, so they are refused at co
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.layers import Mlp
-from timm.models.vision_transformer import Block
 
 from methods.dino import SelfDistillation
 from methods.losses.dino import dino_loss, ibot_patch_loss, koleo_loss
 from methods.mae import mae_loss
+from models.alice import CrossAttentionBlock, ReconstructionDecoder
 from models.heads import DINOHead
 from models.mae import patchify
-from models.pos_embed import grid_to_tokens, sincos_3d
 from models.vit3d import VisionTransformer3D
 
 # BEiT/iBOT block masking: a block covers at least this many patches, its sides' ratios lie in
@@ -127,88 +123,6 @@ def block_patch_mask(batch_size: int, grid: Sequence[int], ratio: float, device:
     noise = torch.rand(batch_size, n, device=device) + mask.float()  # masked patches sort last
     rank = noise.argsort(1).argsort(1)
     return mask | (rank < deficit[:, None])
-
-
-class CrossAttentionBlock(nn.Module):
-    """CASA: a pre-norm transformer block whose queries attend to ANOTHER token set.
-
-    ``x = q + Proj(Attn(LN(q), LN(kv)))``; ``x = x + MLP(LN(x))`` with
-    ``F.scaled_dot_product_attention``.
-
-    Args:
-        dim: token width D (both inputs).
-        num_heads: attention heads (``dim`` divisible by it).
-        mlp_ratio: MLP hidden width / D.
-    """
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"CASA width {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.norm_q = nn.LayerNorm(dim, eps=1e-6)
-        self.norm_kv = nn.LayerNorm(dim, eps=1e-6)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm_mlp = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """``query [B, Nq, D]`` attends to ``context [B, Nk, D]`` -> ``[B, Nq, D]``."""
-        b, nq, d = query.shape
-        nk, hd = context.shape[1], d // self.num_heads
-        q = self.q(self.norm_q(query)).reshape(b, nq, self.num_heads, hd).transpose(1, 2)  # [B, h, Nq, hd]
-        k, v = self.kv(self.norm_kv(context)).reshape(b, nk, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, h, Nq, hd]
-        x = query + self.proj(out.transpose(1, 2).reshape(b, nq, d))
-        return x + self.mlp(self.norm_mlp(x))
-
-
-class ReconstructionDecoder(nn.Module):
-    """Light decoder from encoder patch tokens to patch voxels: Linear -> + fixed 3D sin-cos position
-    -> ``depth`` timm Blocks (heads of width 32, one head when the width is not a multiple of 32)
-    -> LayerNorm -> Linear.
-
-    Args:
-        token_dim: encoder token width.
-        decoder_dim: ``ALICE.DECODER_DIM`` (even, >= 6, for the sin-cos table).
-        depth: ``ALICE.DECODER_DEPTH`` (0 = linear decoder).
-        patch_size: ``(pd, ph, pw)``.
-        in_chans: C (channels predicted per voxel).
-        grid: patch grid of ``DATA.ROI`` (other grids get their table on the fly).
-    """
-
-    def __init__(self, token_dim: int, decoder_dim: int, depth: int, patch_size: Sequence[int], in_chans: int,
-                 grid: Sequence[int]) -> None:
-        super().__init__()
-        self.decoder_dim = decoder_dim
-        self.grid = tuple(int(s) for s in grid)
-        num_heads = decoder_dim // 32 if decoder_dim % 32 == 0 else 1
-        self.embed = nn.Linear(token_dim, decoder_dim)
-        self.register_buffer("pos_embed", grid_to_tokens(sincos_3d(decoder_dim, self.grid)), persistent=False)
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.ModuleList([Block(decoder_dim, num_heads, 4.0, qkv_bias=True, norm_layer=norm_layer)
-                                     for _ in range(depth)])
-        self.norm = norm_layer(decoder_dim)
-        self.pred = nn.Linear(decoder_dim, math.prod(int(p) for p in patch_size) * in_chans)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-        """Patch tokens ``[B, N, token_dim]`` on ``grid`` -> voxels ``[B, N, pd*ph*pw*C]``."""
-        pos = self.pos_embed if tuple(grid) == self.grid else \
-            grid_to_tokens(sincos_3d(self.decoder_dim, grid)).to(tokens.device)
-        x = self.embed(tokens) + pos.to(tokens.dtype)  # [B, N, Dd]
-        for blk in self.blocks:
-            x = blk(x)
-        return self.pred(self.norm(x))
 
 
 def check_backbone(cfg: Any, backbone: nn.Module) -> None:

@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from data.cache import IDENTITY_TEMPLATE
+from data.io import BadInputError
 from data.registration import map_voxel
 from data.views.augment import CropAugment, augment_crop
 from data.views.dino import DINO_GLOBAL_AUGMENTS
@@ -28,7 +30,8 @@ MATCH_TRIES = 8  # points of A tried before falling back to same-scan views
 
 def centered_crop(hu: np.ndarray, center: Sequence[float], sizes: Sequence[int], out_size: Sequence[int],
                   flip_axes: Sequence[int] = (), pad_value: float = AIR_HU) -> torch.Tensor:
-    """A box of ``sizes`` voxels centred on the continuous voxel ``center``, resampled to ``out_size``.
+    """A box of ``sizes`` voxels centred on the continuous voxel ``center`` (to the nearest voxel: the box centre,
+    ``start + (size - 1) / 2``, lies within half a voxel of it), resampled to ``out_size``.
 
     Only the part of the box inside the array is read; the rest is ``pad_value`` (air: the cached
     array is cropped to the head with a margin, so outside it there is no anatomy). Trilinear
@@ -48,7 +51,7 @@ def centered_crop(hu: np.ndarray, center: Sequence[float], sizes: Sequence[int],
     sizes = [int(s) for s in sizes]
     if len(sizes) != 3 or min(sizes) < 1:
         raise ValueError(f"crop sizes {sizes}: expected 3 positive sizes")
-    starts = [int(np.floor(c - s / 2.0 + 0.5)) for c, s in zip(center, sizes)]
+    starts = [int(np.floor(c - (s - 1) / 2.0 + 0.5)) for c, s in zip(center, sizes)]  # box centre within 1/2 voxel
     box = np.full(sizes, pad_value, dtype=np.float32)  # [sx, sy, sz]
     src, dst = [], []
     for st, s, n in zip(starts, sizes, hu.shape):
@@ -81,8 +84,10 @@ def _inside_head(hu: np.ndarray, voxel: np.ndarray, threshold: float) -> bool:
 class AliceViews:
     """``{"query": [C, *DATA.ROI], "anchor": [C, *DATA.ROI], "cross": float32 []}`` of a scan and its partner.
 
-    Called by :class:`data.datasets.VolumeDataset` as ``view(hu, meta, rng, partner=(hu_b, meta_b))``
-    (``needs_partner``); ``partner`` is None when the manifest has a single row. Both crops have the
+    Called by :class:`data.datasets.VolumeDataset` as ``view(hu, meta, rng, partner=(hu_b, meta_b))`` when
+    ``needs_partner`` (``ALICE.CROSS_SCAN_PROB > 0``); ``partner`` is None when the manifest has a single row
+    or the partner is unreadable (skipped) or smaller than the crop. A config that can never match (no
+    ``DATA.TEMPLATE``, or a template file without ``DATA.CACHE_DIR``) is refused at construction. Both crops have the
     same physical size: ``round(DATA.ROI * s)`` voxels of the cache grid (``DATA.SPACING``, the same for
     every scan) with ``s ~ U(ALICE.CROP_SCALE)``, resampled to ``DATA.ROI``. Each view gets its own
     flips and intensity augmentation (those of DINO's two global views). Every draw comes from ``rng``.
@@ -91,8 +96,6 @@ class AliceViews:
         cfg: the config (DATA.ROI, DATA.WINDOWS, DATA.SPACING, DATA.HEAD_THRESHOLD, ALICE.*).
         augments: augmentation of the query and the anchor view.
     """
-
-    needs_partner = True
 
     def __init__(self, cfg, augments: Sequence[CropAugment] = DINO_GLOBAL_AUGMENTS):
         self.specs = window_specs(list(cfg.DATA.WINDOWS))
@@ -103,16 +106,30 @@ class AliceViews:
         self.cross_prob = float(a.CROSS_SCAN_PROB)
         self.scale = (float(a.CROP_SCALE[0]), float(a.CROP_SCALE[1]))
         self.jitter_mm = float(a.SAME_SCAN_JITTER_MM)
+        self.needs_partner = self.cross_prob > 0  # the dataset loads a partner scan only then
+        template, cache = str(cfg.DATA.TEMPLATE), str(cfg.DATA.CACHE_DIR)
+        if self.needs_partner and (not template or (template != IDENTITY_TEMPLATE and not cache)):
+            from config import ConfigError
+            raise ConfigError(
+                f"ALICE.CROSS_SCAN_PROB = {self.cross_prob} asks for views of the same anatomy in two scans, but "
+                f"DATA.TEMPLATE = {template!r} and DATA.CACHE_DIR = {cache!r}: the matches come from the template "
+                "registrations of a cache made by tools/preprocess.py with DATA.TEMPLATE set (or DATA.TEMPLATE "
+                "identity for scans already in one frame); without them every sample would silently get same-scan "
+                "views. Set both, or ALICE.CROSS_SCAN_PROB 0 for same-scan views on purpose")
         if len(augments) != 2:
             raise ValueError(f"AliceViews needs 2 augmentations (query, anchor); got {len(augments)}")
         self.augments = tuple(augments)
 
+    def _too_small(self, hu: np.ndarray) -> bool:
+        return any(int(round(r * self.scale[0])) > n for r, n in zip(self.roi, hu.shape))
+
     def _check_size(self, hu: np.ndarray, meta: dict) -> None:
-        """A crop larger than the scan on some axis even at its smallest scale is mostly padding: refused."""
+        """A scan smaller than the crop on some axis even at its smallest scale is refused (BadInputError: under
+        ``DATA.ON_ERROR skip`` it is listed in skipped.csv and the next row takes its place)."""
         smallest = [int(round(r * self.scale[0])) for r in self.roi]
-        if any(c > n for c, n in zip(smallest, hu.shape)):
-            raise ValueError(
-                f"{meta.get('path', 'a scan')}: its cached array is {list(hu.shape)} voxels of DATA.SPACING "
+        if self._too_small(hu):
+            raise BadInputError(meta.get("path", "a scan"),
+                f"its cached array is {list(hu.shape)} voxels of DATA.SPACING "
                 f"{self.spacing.tolist()} mm, smaller than the smallest Alice crop, DATA.ROI {list(self.roi)} x "
                 f"ALICE.CROP_SCALE[0] {self.scale[0]} = {smallest} voxels; lower DATA.ROI or ALICE.CROP_SCALE, or "
                 "use a finer DATA.SPACING")
@@ -148,8 +165,8 @@ class AliceViews:
             raise ValueError(f"{meta.get('path', 'the scan')}: Alice views need a non-empty 3D array; "
                              f"got shape {tuple(hu.shape)}")
         self._check_size(hu, meta)
-        if partner is not None:
-            self._check_size(*partner)
+        if partner is not None and self._too_small(partner[0]):
+            partner = None  # the partner is refused when it is the scan of its own sample
         match = self._match(hu, meta, partner, rng)
         if match is not None:
             p, q, hu_b = match

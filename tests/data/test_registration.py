@@ -169,6 +169,12 @@ def test_cache_key_without_template_is_unchanged_and_with_one_differs(tmp_path, 
     assert cache_key(stricter) != cache_key(with_t)
     with pytest.raises(ValueError, match="DATA.TEMPLATE"):
         preprocess_params(_cfg(tmp_path, "x.csv", tmp_path / "missing.nii.gz"))
+    import shutil
+    (tmp_path / "moved").mkdir()
+    shutil.copy(tmp_path / "t.nii.gz", tmp_path / "moved" / "t.nii.gz")  # the same bytes elsewhere: the same key
+    assert cache_key(_cfg(tmp_path, "x.csv", tmp_path / "moved" / "t.nii.gz")) == cache_key(with_t)
+    identity = _cfg(tmp_path, "x.csv", "identity")  # nothing registered: the key of a cache without a template
+    assert cache_key(identity) == KEY_WITHOUT_TEMPLATE
 
 
 def test_preprocess_registers_lists_refused_and_resumes(tmp_path, phantom):

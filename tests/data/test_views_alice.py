@@ -20,6 +20,7 @@ def cfg_(**alice):
     cfg.DATA.WINDOWS = ["brain"]
     cfg.DATA.SPACING = [2.0, 2.0, 2.0]
     cfg.ALICE.CROP_SCALE = [1.0, 1.0]
+    cfg.DATA.TEMPLATE = "identity"  # the tests hand each scan's transform in meta["template"] themselves
     for k, v in alice.items():
         cfg.ALICE[k] = v
     return cfg
@@ -53,10 +54,12 @@ def shifted_pair(offset=(3, -2, 4)):
 
 def test_centered_crop_reads_the_box_and_pads_with_air():
     hu = np.arange(10 ** 3, dtype=np.float32).reshape(10, 10, 10)
-    inside = centered_crop(hu, [5, 5, 5], [4, 4, 4], [4, 4, 4])
-    assert torch.equal(inside, torch.from_numpy(hu[3:7, 3:7, 3:7]))
-    edge = centered_crop(hu, [0, 5, 5], [4, 4, 4], [4, 4, 4])
-    assert (edge[:2] == -1024).all() and torch.equal(edge[2:], torch.from_numpy(hu[0:2, 3:7, 3:7]))
+    inside = centered_crop(hu, [5, 5, 5], [3, 3, 3], [3, 3, 3])
+    assert torch.equal(inside, torch.from_numpy(hu[4:7, 4:7, 4:7]))  # odd size: centred exactly
+    even = centered_crop(hu, [5.2, 5.2, 4.8], [4, 4, 4], [4, 4, 4])  # box centre within half a voxel
+    assert torch.equal(even, torch.from_numpy(hu[4:8, 4:8, 3:7]))
+    edge = centered_crop(hu, [0, 5, 5], [3, 3, 3], [3, 3, 3])
+    assert (edge[:1] == -1024).all() and torch.equal(edge[1:], torch.from_numpy(hu[0:2, 4:7, 4:7]))
     assert (centered_crop(hu, [50, 5, 5], [4, 4, 4], [4, 4, 4]) == -1024).all()  # all outside
     assert centered_crop(hu, [5, 5, 5], [6, 6, 6], [4, 4, 4]).shape == (4, 4, 4)  # resized
     with pytest.raises(ValueError, match="crop sizes"):
@@ -104,10 +107,31 @@ def test_same_seed_same_views_and_augmentations_differ_between_views():
     assert not torch.equal(x["query"], z["query"])
 
 
-def test_a_crop_larger_than_the_scan_names_the_keys():
-    hu = textured_head((6, 30, 30))
-    with pytest.raises(ValueError, match=r"a.nii.gz.*DATA.ROI \[8, 8, 8\] x ALICE.CROP_SCALE\[0\] 1.0"):
-        AliceViews(cfg_())(hu, {"affine": np.eye(4), "template": None, "path": "a.nii.gz"}, np.random.default_rng(0))
+def test_a_crop_larger_than_the_scan_names_the_keys_and_a_small_partner_is_not_used():
+    from data.io import BadInputError
+    small = textured_head((6, 30, 30))
+    with pytest.raises(BadInputError, match=r"a.nii.gz.*DATA.ROI \[8, 8, 8\] x ALICE.CROP_SCALE\[0\] 1.0"):
+        AliceViews(cfg_())(small, {"affine": np.eye(4), "template": None, "path": "a.nii.gz"},
+                           np.random.default_rng(0))
+    a, meta_a, _, meta_b = shifted_pair()
+    out = AliceViews(cfg_())(a, meta_a, np.random.default_rng(0), partner=(small, meta_b))
+    assert float(out["cross"]) == 0.0
+
+
+def test_a_config_that_can_never_match_is_refused():
+    from config import ConfigError
+    cfg = cfg_()
+    cfg.DATA.TEMPLATE = ""
+    with pytest.raises(ConfigError, match="DATA.TEMPLATE = ''"):
+        AliceViews(cfg)
+    cfg.DATA.TEMPLATE, cfg.DATA.CACHE_DIR = "template.nii.gz", ""
+    with pytest.raises(ConfigError, match="DATA.CACHE_DIR = ''"):
+        AliceViews(cfg)
+    cfg.ALICE.CROSS_SCAN_PROB = 0.0  # same-scan views on purpose: no partner is even loaded
+    assert not AliceViews(cfg).needs_partner
+    cfg.DATA.TEMPLATE = "identity"
+    cfg.ALICE.CROSS_SCAN_PROB = 1.0
+    assert AliceViews(cfg).needs_partner
 
 
 class PartnerSpy:
@@ -132,6 +156,20 @@ def test_dataset_draws_a_partner_from_another_row(tmp_path):
             seen.setdefault(s["id"], set()).add(s["partner_id"])
             assert ds[(i, epoch)]["partner_id"] == s["partner_id"]  # a function of (SEED, epoch, index)
     assert any(len(v) > 1 for v in seen.values())
+
+
+def test_a_scan_the_view_refuses_is_skipped_like_an_unreadable_one(tmp_path):
+    csv = setup_scans(tmp_path, n=3)
+    cfg = get_defaults()
+    cfg.DATA.SPACING = [6.0, 6.0, 6.0]  # 32 voxels of 3 mm -> about 16: smaller than a 24^3 crop
+    cfg.DATA.TEMPLATE, cfg.DATA.ROI, cfg.ALICE.CROP_SCALE = "identity", [24, 24, 24], [1.0, 1.0]
+    from data.io import BadInputError
+    with pytest.raises(BadInputError, match="ct0.nii.gz.*smaller than the smallest Alice crop"):
+        VolumeDataset(Manifest.read(csv), cfg, AliceViews(cfg))[0]
+    cfg.DATA.ON_ERROR, cfg.DATA.MAX_BAD_FRACTION = "skip", 1.0
+    from data.io import TooManyBadInputs
+    with pytest.raises(TooManyBadInputs, match="3 consecutive rows"):  # every row refused: listed, then stopped
+        VolumeDataset(Manifest.read(csv), cfg, AliceViews(cfg))[0]
 
 
 def test_a_bad_partner_is_skipped_and_listed_or_raises(tmp_path):

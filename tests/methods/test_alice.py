@@ -6,7 +6,8 @@ import torch
 from config import get_defaults
 from engine.checkpoint import load_state_strict
 from engine.optim import param_groups
-from methods.alice import Alice, CrossAttentionBlock, block_patch_mask
+from methods.alice import Alice, block_patch_mask
+from models.alice import CrossAttentionBlock
 from models.vit3d import VisionTransformer3D
 
 KEYS = {"loss", "dino_loss", "patch_loss", "recon_loss", "teacher_entropy", "kl", "teacher_temp", "momentum",
