@@ -17,8 +17,8 @@ Each step is a real run of an entry script or tool into a folder of ``--out`` (a
 5. Alice - DINO and each - random init on the test split, paired (the same bootstrap resamples of the same
    test scans score both: :func:`evaluation.compare.compare_predictions`).
 
-Writes the JSON (``--json``) with every run's validation and test AUROC, the paired differences per seed and
-their mean, the registration summary and the machine.
+Writes the JSON (``--json``) with every run's validation and test AUROC (run folders relative to ``--out``), the
+paired differences per seed and their mean, the registration summary and the machine.
 """
 from __future__ import annotations
 
@@ -87,8 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                   out / "logs/preprocess_alice.log")
     run([py, "-m", "tools.preprocess", "--cfg", "configs/demo/dino.yaml", "--opts", *data],
         out / "logs/preprocess_dino.log")
-    registration = next((line.split("registered to ", 1)[1] for line in reg_log.splitlines()
-                         if "registered to " in line), "")
+    registration = next((line.rsplit(": ", 1)[1].split(" (see")[0] for line in reg_log.splitlines()
+                         if "registered to " in line), "")  # "n accepted, m refused"
     warmup = "1" if args.epochs > 1 else "0"
     epochs = ["TRAIN.EPOCHS", str(args.epochs), "TRAIN.WARMUP_EPOCHS", warmup, "DINO.KNN_EVERY", "0"]
 
@@ -111,15 +111,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 run([py, "main_downstream.py", "--cfg", "configs/demo/downstream.yaml", "--opts", "OUTPUT", str(folder),
                      *data, "DATA.CACHE_DIR", "", "MODEL.PRETRAINED", weights, "MODEL.POOL", pool],
                     out / f"logs/probe_{name}_{pool}.log")
-            res[pool] = {"val_auroc": val_auroc(folder), "test_auroc": test_auroc(folder), "folder": str(folder)}
+            res[pool] = {"val_auroc": val_auroc(folder), "test_auroc": test_auroc(folder), "folder": folder.name}
         best = max(POOLS, key=lambda p: res[p]["val_auroc"])
         probes[name] = {**res[best], "pool": best, "pools": res}
         print(f"{name:10s} pool {best:4s} val {res[best]['val_auroc']:.3f} test {res[best]['test_auroc']:.3f}",
               flush=True)
 
     def paired(a: str, b: str) -> dict:
-        c = compare_predictions(str(Path(probes[a]["folder"]) / "predictions.csv"),
-                                str(Path(probes[b]["folder"]) / "predictions.csv"), labels=["ICH"],
+        c = compare_predictions(str(out / probes[a]["folder"] / "predictions.csv"),
+                                str(out / probes[b]["folder"] / "predictions.csv"), labels=["ICH"],
                                 n_bootstrap=args.bootstrap, seed=0, name_a=a, name_b=b)["scan"]["ICH"]
         return {k: c[k] for k in ("diff", "ci95", "p_value", "significant", "sentence") if k in c}
 
