@@ -4,6 +4,7 @@ No timing is asserted (the numbers depend on the machine); only that every scrip
 through the project's real code paths and reports what its README section promises.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +204,20 @@ def test_train_step_views_finish_their_crops_in_the_workers(monkeypatch):
     dino = train_step.build_view(cfg, "dino")
     assert not dino.device_stage and not dino.device_resize
     assert not train_step.build_view(cfg, "simclr").device_stage
+
+
+ATLAS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "head_atlas" / "ct_brain_atlas_1mm.nii.gz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ATLAS.is_file(), reason=f"{ATLAS} (shared data) not present")
+def test_alice_matching_writes_json_and_figure(tmp_path):
+    from benchmarks import alice_matching
+    doc = alice_matching.main(["--phantoms", "2", "--size", "96", "--points", "50", "--json", str(tmp_path / "m.json"),
+                               "--figure", str(tmp_path / "m.png")])
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["phantom_matching_via_phantom_template"]["pairs"] == 2  # both ordered pairs of 2 registered heads
+    assert saved["phantom_matching_via_phantom_template"]["mean_mm"] < 15
+    atlas = [r for r in saved["real_scans"] if r["scan"] == "atlas_random_affine"][0]
+    assert atlas["ok"] and atlas["error_at_brain_voxels"]["max_mm"] < 2  # a known affine, recovered
+    assert doc["cpu_seconds_per_registration"]["mean"] > 0 and (tmp_path / "m.png").stat().st_size > 10_000
