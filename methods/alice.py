@@ -39,17 +39,22 @@ decoder. The two extra terms default to weight 1 (``ALICE.PATCH_WEIGHT``, ``ALIC
 equal weighting of the three terms, the simplest choice, not tuned on head CT; a weight of 0
 removes the term's modules (CASA + patch head, or the decoder) so DDP never meets unused parameters.
 
-ViT backbones only (:class:`models.vit3d.VisionTransformer3D`): masking replaces patch tokens by the
-mask token and CASA and the decoder work per patch token. Swin's last stage is 1/32 of the input
-with no per-patch mask token, and CNNs have no tokens, so they are refused at construction.
+Backbones with tokens: a ViT (:class:`models.vit3d.VisionTransformer3D`; masking replaces patch tokens by
+the mask token; CASA and the decoder work per patch token, pooled = its ``MODEL.POOL``) or Swin
+(:class:`models.monai_backbones.SwinEncoder`; a token is one 32^3 block of the last stage, masking replaces the
+patch embeddings of a masked block by a mask token before the stages, as SimMIM masks a Swin; pooled = the mean
+token, as its ``forward``; the decoder predicts a masked block at 1/4 of its resolution, 8^3 voxels, as a
+32^3 x C output per token would make the "light" decoder's last layer the largest part of the model). CNNs
+have no tokens and are refused at construction.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from methods.dino import SelfDistillation
 from methods.losses.dino import dino_loss, ibot_patch_loss, koleo_loss
@@ -125,14 +130,39 @@ def block_patch_mask(batch_size: int, grid: Sequence[int], ratio: float, device:
     return mask | (rank < deficit[:, None])
 
 
+SWIN_RECON_STRIDE = 4  # Swin: a masked 32^3 block is reconstructed at 8^3 (average-pooled by 4 per axis)
+
+
+def _is_swin(backbone: nn.Module) -> bool:
+    from models.monai_backbones import SwinEncoder  # MONAI imports take seconds: only when asked
+
+    return isinstance(backbone, SwinEncoder)
+
+
 def check_backbone(cfg: Any, backbone: nn.Module) -> None:
-    """ValueError naming ``MODEL.NAME`` unless ``backbone`` is a ViT (patch tokens and a mask token)."""
-    if not isinstance(backbone, VisionTransformer3D):
-        raise ValueError(
-            f"Alice needs a ViT backbone (MODEL.NAME vit_*); got MODEL.NAME = {cfg.MODEL.NAME!r} "
-            f"({type(backbone).__name__}). Its student replaces masked patches by the ViT's mask token and "
-            "its cross-attention (CASA) and decoder work on one token per patch: CNNs (segresnet, resnet*) "
-            "have no tokens and Swin (swin) has neither a mask token nor per-patch tokens at its last stage")
+    """ValueError naming ``MODEL.NAME`` unless ``backbone`` has tokens Alice can mask: a ViT, or Swin in RAS."""
+    if isinstance(backbone, VisionTransformer3D):
+        return
+    if _is_swin(backbone):
+        if backbone.input_orientation != "RAS":
+            raise ValueError(f"Alice with MODEL.NAME swin needs MODEL.INPUT_ORIENTATION RAS (its masks follow the "
+                             f"data's token grid); got {backbone.input_orientation!r}")
+        return
+    raise ValueError(
+        f"Alice needs a backbone with tokens (MODEL.NAME vit_* or swin); got MODEL.NAME = {cfg.MODEL.NAME!r} "
+        f"({type(backbone).__name__}). Its student replaces masked tokens by a mask token and its cross-attention "
+        "(CASA) and decoder work on one token per patch or block: the CNNs (segresnet, resnet18, resnet50) have "
+        "no tokens")
+
+
+def encode(backbone: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor] = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features ``[n, E]`` and patch tokens ``[n, N, D]`` of a ViT or Swin (``mask [n, N]``: True = hidden)."""
+    if isinstance(backbone, VisionTransformer3D):
+        tokens = backbone.forward_features(x) if mask is None else backbone.forward_features(x, mask=mask)
+        return backbone.pool_tokens(tokens), tokens[:, backbone.num_prefix_tokens:]  # [n, E], [n, N, D]
+    patches = backbone.forward_tokens(x, mask)  # [n, N, D]
+    return patches.mean(dim=1), patches
 
 
 class Alice(SelfDistillation):
@@ -149,29 +179,38 @@ class Alice(SelfDistillation):
     (CASA, patch head, their teacher copies and ``patch_center`` only with ``ALICE.PATCH_WEIGHT > 0``;
     the decoder only with ``ALICE.RECON_WEIGHT > 0``). Schedules follow the global iteration, which
     the engine checkpoints. ``backbone.pth`` is the teacher backbone; its ``mask_token`` entry is
-    reported as unexpected, and skipped, by :func:`models.zoo.load_pretrained` into a ViT built without one.
+    reported as unexpected, and skipped, by :func:`models.zoo.load_pretrained` into a backbone built without one.
 
     Args:
         cfg: config (``ALICE.*``, ``DINO.*`` for heads, temperatures, momentum, centre, freeze and
             KoLeo, ``TRAIN.EPOCHS``, ``DATA.ROI``, ``MODEL.NAME`` for messages).
-        backbone: a :class:`models.vit3d.VisionTransformer3D`; a mask token is added when it has none
-            (zeros, as the ViT creates it), so the student can mask without ``DINO.IBOT_WEIGHT``.
+        backbone: a :class:`models.vit3d.VisionTransformer3D` or :class:`models.monai_backbones.SwinEncoder`;
+            a mask token is added when it has none (zeros, as the ViT creates it), so the student can mask
+            without ``DINO.IBOT_WEIGHT``.
     """
 
     def __init__(self, cfg: Any, backbone: nn.Module) -> None:
         super().__init__()
         check_backbone(cfg, backbone)
         d, a = cfg.DINO, cfg.ALICE
-        if backbone.mask_token is None:
-            ref = backbone.cls_token
-            backbone.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.token_dim, device=ref.device,
-                                                           dtype=ref.dtype))
+        swin = not isinstance(backbone, VisionTransformer3D)  # check_backbone let only a ViT or Swin through
+        if backbone.mask_token is None:  # zeros, as the ViT creates its own; Swin's masks its patch embeddings
+            ref = next(backbone.parameters())
+            shape = (1, backbone.feature_size, 1, 1, 1) if swin else (1, 1, backbone.token_dim)
+            backbone.mask_token = nn.Parameter(torch.zeros(shape, device=ref.device, dtype=ref.dtype))
         self.backbone = backbone
+        # Swin: tokens of 32^3 blocks, reconstructed at 8^3; ViT: its patches, reconstructed whole
+        self.patch_size = (32, 32, 32) if swin else tuple(backbone.patch_size)
+        self.recon_stride = SWIN_RECON_STRIDE if swin else 1
+        casa_heads = backbone.token_dim // 64 if swin else backbone.num_heads
         self.mask_ratio = float(a.MASK_RATIO)
         self.patch_weight = float(a.PATCH_WEIGHT)
         self.recon_weight = float(a.RECON_WEIGHT)
         self.koleo_weight = float(d.KOLEO_WEIGHT)
-        grid = backbone.grid_size(cfg.DATA.ROI)
+        try:
+            grid = backbone.grid_size(cfg.DATA.ROI)
+        except ValueError as e:
+            raise ValueError(f"DATA.ROI = {list(cfg.DATA.ROI)}: {e}") from None
         num_masked(math.prod(grid), self.mask_ratio)  # fail at build time, naming ALICE.MASK_RATIO
 
         def dino_head(in_dim: int) -> DINOHead:
@@ -181,12 +220,13 @@ class Alice(SelfDistillation):
         self.head = dino_head(backbone.embed_dim)
         with_teacher = ["backbone", "head"]
         if self.patch_weight > 0:
-            self.casa = CrossAttentionBlock(backbone.token_dim, backbone.num_heads)
+            self.casa = CrossAttentionBlock(backbone.token_dim, casa_heads)
             self.patch_head = dino_head(backbone.token_dim)
             with_teacher += ["casa", "patch_head"]
         if self.recon_weight > 0:
             self.decoder = ReconstructionDecoder(backbone.token_dim, int(a.DECODER_DIM), int(a.DECODER_DEPTH),
-                                                 backbone.patch_size, backbone.in_chans, grid)
+                                                 [p // self.recon_stride for p in self.patch_size],
+                                                 backbone.in_chans, grid)
         self._make_teacher(with_teacher)
         self._register_centers(int(d.OUT_DIM), patch=self.patch_weight > 0)
         self._init_schedules(cfg)
@@ -207,19 +247,17 @@ class Alice(SelfDistillation):
         b = xq.shape[0]
         x = torch.cat([xq, xa])  # [2B, C, D, H, W]: query crops, then anchor crops
         grid = self.backbone.grid_size(x.shape[2:])
-        p = self.backbone.num_prefix_tokens
         use_patch = self.patch_weight > 0
 
         with torch.no_grad():
-            t_tokens = self.teacher["backbone"].forward_features(x)  # [2B, P+N, D]
-            t_logits = self.teacher["head"](self.teacher["backbone"].pool_tokens(t_tokens)).float()  # [2B, K]
+            t_feat, t_patches = encode(self.teacher["backbone"], x)  # [2B, E], [2B, N, D]
+            t_logits = self.teacher["head"](t_feat).float()  # [2B, K]
             if use_patch:
-                t_aligned = self._aligned(self.teacher["casa"], t_tokens[:, p:])  # [2B, N, D]
+                t_aligned = self._aligned(self.teacher["casa"], t_patches)  # [2B, N, D]
                 t_patch = self.teacher["patch_head"](t_aligned).float()  # [2B, N, K]
 
         mask = block_patch_mask(2 * b, grid, self.mask_ratio, x.device)  # [2B, N]
-        s_tokens = self.backbone.forward_features(x, mask=mask)  # [2B, P+N, D]
-        s_feat = self.backbone.pool_tokens(s_tokens)  # [2B, E]
+        s_feat, s_patches = encode(self.backbone, x, mask)  # [2B, E], [2B, N, D]
         k = t_logits.shape[-1]
         student = self.head(s_feat).float().reshape(2, b, k)  # [2, B, K]: query, anchor
         # dino_loss skips the (i, i) pairs: student query vs teacher anchor, student anchor vs teacher query
@@ -228,13 +266,15 @@ class Alice(SelfDistillation):
         out = {"dino_loss": loss.detach()}
         total = loss
         if use_patch:
-            s_patch = self.patch_head(self._aligned(self.casa, s_tokens[:, p:]))  # [2B, N, K]
+            s_patch = self.patch_head(self._aligned(self.casa, s_patches))  # [2B, N, K]
             patch = ibot_patch_loss(s_patch, t_patch, mask, self.patch_center, self.student_temp, self.teacher_temp)
             total = total + self.patch_weight * patch
             out["patch_loss"] = patch.detach()
         if self.recon_weight > 0:
-            pred = self.decoder(s_tokens[:, p:], grid)  # [2B, N, pd*ph*pw*C]
-            recon = mae_loss(pred, patchify(x, self.backbone.patch_size), mask, norm_pix=True)
+            pred = self.decoder(s_patches, grid)  # [2B, N, (pd*ph*pw / stride^3) * C]
+            target = x if self.recon_stride == 1 else F.avg_pool3d(x, self.recon_stride)
+            recon = mae_loss(pred, patchify(target, [p // self.recon_stride for p in self.patch_size]), mask,
+                             norm_pix=True)
             total = total + self.recon_weight * recon
             out["recon_loss"] = recon.detach()
         if self.koleo_weight > 0:

@@ -94,11 +94,40 @@ class SwinEncoder(_Oriented, SwinTransformer):
         # MONAI's SwinTransformer sets embed_dim = first-stage width; the zoo's embed_dim is the output
         self.embed_dim = feature_size * 2 ** len(depths)
         self.token_dim = self.embed_dim
+        self.mask_token = None  # [1, F, 1, 1, 1], the embedding of masked blocks; made by a method that masks (Alice)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, D, H, W]`` -> layer-normalised last stage ``[B, 16F, D/32, H/32, W/32]``."""
+    def grid_size(self, spatial_shape: Sequence[int]) -> tuple[int, int, int]:
+        """Tokens per axis of the last stage (one per 32^3 block of the input); ValueError unless divisible."""
+        if any(int(s) % 32 for s in spatial_shape):
+            raise ValueError(f"swin tokens need input sizes divisible by 32; got {list(spatial_shape)}")
+        return tuple(int(s) // 32 for s in spatial_shape)  # type: ignore[return-value]
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, C, D, H, W]`` -> layer-normalised last stage ``[B, 16F, D/32, H/32, W/32]``.
+
+        ``mask`` (``[B, N]`` bool over the ``D/32 x H/32 x W/32`` token grid, row-major; True = masked): every
+        patch embedding of a masked token's 32^3 block is replaced by :attr:`mask_token` before the stages (as
+        SimMIM masks a Swin), so the encoder sees nothing of those blocks. Needs RAS input orientation.
+        """
         _check_input(x, self.in_chans, "swin")
-        return self._from_input(super().forward(self._to_input(x).contiguous(), normalize=True)[-1])
+        if mask is None:
+            return self._from_input(super().forward(self._to_input(x).contiguous(), normalize=True)[-1])
+        if self.mask_token is None or self.input_orientation != "RAS":
+            raise ValueError("a masked swin forward needs a mask token and RAS input orientation")
+        grid = self.grid_size(x.shape[2:])
+        x0 = self.patch_embed(x.contiguous())  # [B, F, D/2, H/2, W/2]
+        m = mask.reshape(x.shape[0], 1, *grid)
+        for ax in (2, 3, 4):  # token grid -> patch-embedding grid: 16 embeddings a token per axis
+            m = m.repeat_interleave(16, dim=ax)
+        x0 = torch.where(m, self.mask_token.to(x0.dtype), x0)
+        x0 = self.pos_drop(x0)
+        for stage in (self.layers1, self.layers2, self.layers3, self.layers4):
+            x0 = stage[0](x0.contiguous())
+        return self.proj_out(x0, normalize=True)
+
+    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The last stage as tokens: ``[B, N, 16F]``, ``N = D/32 * H/32 * W/32`` in row-major grid order."""
+        return self.forward_features(x, mask).flatten(2).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``[B, C, D, H, W]`` -> ``[B, embed_dim]``."""

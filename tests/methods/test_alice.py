@@ -267,8 +267,65 @@ def test_cnn_backbone_is_refused_naming_it():
     cfg = tiny_cfg()
     cfg.MODEL.NAME = "resnet18"
     cfg.MODEL.FEATURE_SIZE = 8
-    with pytest.raises(ValueError, match="resnet18.*ViT|ViT.*resnet18"):
+    with pytest.raises(ValueError, match="resnet18.*no tokens"):
         Alice(cfg, build_backbone(cfg))
+
+
+# ------------------------------------------------------------------------------------------- Swin
+def tiny_swin_method(seed=0, roi=64):
+    from models.monai_backbones import SwinEncoder
+    torch.manual_seed(seed)
+    cfg = tiny_cfg(roi)
+    cfg.MODEL.NAME = "swin"
+    return Alice(cfg, SwinEncoder(1, feature_size=12))
+
+
+def test_swin_masks_its_blocks_and_trains_every_part():
+    m = tiny_swin_method()
+    m.train()
+    assert tuple(m.backbone.mask_token.shape) == (1, 12, 1, 1, 1) and m.patch_size == (32, 32, 32)
+    out = m(batch(2, roi=64))
+    assert KEYS - {"cross_fraction"} <= set(out) and all(torch.isfinite(torch.as_tensor(v)) for v in out.values())
+    out["loss"].backward()
+    for name in ("backbone.mask_token", "casa.q.weight", "decoder.pred.weight", "head.mlp.0.weight"):
+        p = dict(m.named_parameters())[name]
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in m.teacher.parameters())
+    # the decoder predicts a masked 32^3 block at 8^3 per channel
+    assert m.decoder.pred.out_features == 8 ** 3 * 1
+
+
+def test_swin_masked_forward_hides_the_masked_blocks():
+    from models.monai_backbones import SwinEncoder
+    torch.manual_seed(0)
+    enc = SwinEncoder(1, feature_size=12).eval()
+    x = torch.rand(1, 1, 64, 64, 64)
+    plain = enc.forward_tokens(x)  # [1, 8, 192]
+    enc.mask_token = torch.nn.Parameter(torch.zeros(1, 12, 1, 1, 1))
+    none = torch.zeros(1, 8, dtype=torch.bool)
+    assert torch.equal(enc.forward_tokens(x, none), plain)  # no mask: the usual forward exactly
+    mask = none.clone()
+    mask[0, 0] = True  # hide block (0, 0, 0), the first 32^3 corner
+    y = x.clone()
+    y[..., :32, :32, :32] = torch.rand(32, 32, 32)  # change only what the mask hides
+    assert torch.allclose(enc.forward_tokens(x, mask), enc.forward_tokens(y, mask), atol=1e-6)
+
+
+def test_swin_backbone_pth_loads_into_a_swin_without_mask_token(tmp_path):
+    from models.monai_backbones import SwinEncoder
+    from models.zoo import load_pretrained
+    m = tiny_swin_method()
+    torch.save(m.exported_backbone().state_dict(), tmp_path / "backbone.pth")
+    report = load_pretrained(SwinEncoder(1, feature_size=12), str(tmp_path / "backbone.pth"), min_fraction=1.0)
+    assert report["fraction"] == 1.0 and "mask_token" in str(report["unexpected"])
+
+
+def test_swin_roi_not_divisible_by_32_names_data_roi():
+    from models.monai_backbones import SwinEncoder
+    cfg = tiny_cfg(48)
+    cfg.MODEL.NAME = "swin"
+    with pytest.raises(ValueError, match=r"DATA.ROI = \[48, 48, 48\].*divisible by 32"):
+        Alice(cfg, SwinEncoder(1, feature_size=12))
 
 
 def test_bad_batch_shapes_are_refused():
