@@ -278,3 +278,18 @@ def test_bad_arguments(tmp_path: Path, capsys) -> None:
         main(["--out", str(tmp_path / "o"), "--n", "0"])
     assert exc.value.code != 0
     assert "--n must be >= 1" in capsys.readouterr().err
+
+
+def test_template_head_is_healthy_centred_and_the_same_every_time(tmp_path):
+    from data.phantom import make_template
+    from data.phantom.cli import main as phantom_main
+    hu, affine = make_template(32)
+    again, _ = make_template(32)
+    assert hu.shape == (32, 32, 32) and np.array_equal(hu, again)
+    head = np.argwhere(hu > 0)  # the head is centred on the volume (neutral pose): its centroid within a voxel
+    world = head @ affine[:3, :3].T + affine[:3, 3]
+    assert np.abs(world.mean(0)[:1]).max() < 7.5  # left-right: symmetric about the midline
+    assert phantom_main(["--out", str(tmp_path), "--n", "2", "--size", "32", "--seed", "3", "--template"]) == 0
+    import nibabel as nib
+    written = nib.load(str(tmp_path / "template.nii.gz"))
+    assert written.shape == (32, 32, 32) and np.allclose(np.asarray(written.dataobj), hu)
