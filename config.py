@@ -208,7 +208,9 @@ _C.DOWNSTREAM.SEG_DECODER_WIDTH = 16
 # the classes the scan holds; as RandCropByLabelClassesd), else anywhere: small lesions are seen often
 _C.DOWNSTREAM.SEG_FOREGROUND_PROB = 0.67
 _C.DOWNSTREAM.SEG_OVERLAP = 0.5  # sliding-window inference: overlap of neighbouring DATA.ROI windows (0 <= . < 1)
-_C.DOWNSTREAM.SEG_SW_BATCH = 2  # sliding-window inference: windows per forward pass (memory grows with it)
+# sliding-window inference: windows per forward pass. Memory grows with it, speed on a CPU does not: a 200^3 volume
+# with swin took 828 s / 4.11 GB at 2 and 878 s / 2.91 GB at 1 (benchmarks/segment_inference.py); raise it on a GPU
+_C.DOWNSTREAM.SEG_SW_BATCH = 1
 
 
 PRESET_WINDOWS = ("brain", "subdural", "stroke", "bone", "soft_tissue")

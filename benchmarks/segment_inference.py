@@ -1,7 +1,10 @@
 """Sliding-window segmentation of one whole head volume: seconds and peak memory per backbone family.
 
-    # the figure of the issue: a 1 mm head CT of 200^3 on the CPU, default window (DATA.ROI 96^3) and batch
-    python -m benchmarks.segment_inference --json benchmarks/results/segment_inference_cpu.json
+    # the figure of the issue: a 1 mm head CT of 200^3 on the CPU, the default window (DATA.ROI 96^3) and batch (1)
+    python -m benchmarks.segment_inference --json benchmarks/results/segment_inference_cpu_sw1.json
+    # the committed figures: batch 2 for every family, then Swin at 1
+    python -m benchmarks.segment_inference --sw-batch 2 --json benchmarks/results/segment_inference_cpu.json
+    python -m benchmarks.segment_inference --families swin --json benchmarks/results/segment_inference_cpu_swin_sw1.json
     # smaller, e.g. a smoke run
     python -m benchmarks.segment_inference --size 64 --roi 32 --families segresnet --json /tmp/seg.json
 
@@ -74,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ap.add_argument("--size", type=int, default=200, help="volume edge in voxels (1 mm head CT: about 200)")
     ap.add_argument("--roi", type=int, default=96, help="window edge (DATA.ROI; the default config: 96)")
     ap.add_argument("--overlap", type=float, default=0.5, help="DOWNSTREAM.SEG_OVERLAP")
-    ap.add_argument("--sw-batch", type=int, default=2, help="DOWNSTREAM.SEG_SW_BATCH")
+    ap.add_argument("--sw-batch", type=int, default=1, help="DOWNSTREAM.SEG_SW_BATCH (the config's default: 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per case")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
