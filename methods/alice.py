@@ -281,11 +281,7 @@ class Alice(SelfDistillation):
             koleo = torch.stack([koleo_loss(f) for f in s_feat.reshape(2, b, -1)]).mean()
             total = total + self.koleo_weight * koleo
             out["koleo"] = koleo.detach()
-        if self.training:  # validation never moves the centres
-            self._update_center(self.center, t_logits)
-            if use_patch:
-                self._update_center(self.patch_center, t_patch)
-            self.center_ready.fill_(True)
+        self._update_centers(t_logits, t_patch if use_patch else None)
         out.update(monitors)
         out.update({"loss": total, "teacher_temp": self.teacher_temp, "momentum": self.momentum})
         if "cross" in batch:

@@ -157,6 +157,16 @@ class SelfDistillation(nn.Module):
         m = self.center_momentum if bool(self.center_ready) else 0.0
         buffer.mul_(m).add_(mean, alpha=1.0 - m)
 
+    def _update_centers(self, teacher_logits: torch.Tensor, teacher_patch: Optional[torch.Tensor] = None) -> None:
+        """In training only (validation never moves them): ``center`` towards ``teacher_logits [n, K]`` and, when
+        given, ``patch_center`` towards ``teacher_patch [n, N, K]``; the first step sets them outright."""
+        if not self.training:
+            return
+        self._update_center(self.center, teacher_logits)
+        if teacher_patch is not None:
+            self._update_center(self.patch_center, teacher_patch)
+        self.center_ready.fill_(True)
+
 
 # --------------------------------------------------------------------------------------- method
 class DINO(SelfDistillation):
@@ -271,11 +281,7 @@ class DINO(SelfDistillation):
             koleo = torch.stack([koleo_loss(f) for f in s_feat.reshape(g, b, -1)]).mean()
             total = total + self.koleo_weight * koleo
             out["koleo"] = koleo.detach()
-        if self.training:  # validation never moves the centres
-            self._update_center(self.center, t_logits)
-            if use_ibot:
-                self._update_center(self.patch_center, t_patch)
-            self.center_ready.fill_(True)
+        self._update_centers(t_logits, t_patch if use_ibot else None)
         out.update(monitors)
         out.update({"loss": total, "teacher_temp": self.teacher_temp, "momentum": self.momentum})
         return out

@@ -22,6 +22,7 @@ from data.io import BadInputError
 from data.registration import map_voxel
 from data.views.augment import CropAugment, augment_crop
 from data.views.dino import DINO_GLOBAL_AUGMENTS
+from data.views.geometry import random_head_voxel
 from data.windows import window_specs
 
 AIR_HU = -1024.0  # what a crop reaching past the cached array (cropped to the head with a margin) is padded with
@@ -135,13 +136,8 @@ class AliceViews:
                 "use a finer DATA.SPACING")
 
     def _point(self, hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """A random voxel inside the head (HU above DATA.HEAD_THRESHOLD), continuous ``[3]``."""
-        shape = np.asarray(hu.shape)
-        for _ in range(32):
-            v = rng.integers(0, shape)
-            if float(hu[tuple(v)]) > self.threshold:
-                return v.astype(np.float64)
-        return (shape - 1) / 2.0
+        """A random voxel inside the head (HU above DATA.HEAD_THRESHOLD; the array centre after 32 misses), ``[3]``."""
+        return random_head_voxel(hu, self.threshold, rng).astype(np.float64)
 
     def _match(self, hu: np.ndarray, meta: dict, partner, rng: np.random.Generator
                ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:

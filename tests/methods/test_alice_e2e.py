@@ -1,16 +1,16 @@
 """Alice end to end on the phantom: preprocessing with a template, cross-scan views, the loss falling, two
 processes under torchrun keeping teacher and centre identical, SIGTERM + exact resume, and bad configs."""
-import json
 import os
-import signal
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+from tests.methods.test_dino import (assert_backbone_pth_is_the_teacher, assert_same_model_state,
+                                     assert_two_ranks_agree, rows, sigterm_in_epoch_1)
 
 ROOT = Path(__file__).resolve().parents[2]
 # 64^3 phantoms at 3.75 mm read at 4 mm (the demo's grid: coarser ones register badly, e.g. at 8 mm about half
@@ -51,10 +51,6 @@ def run_alice(out, phantom, *opts, launcher=None, wait=True):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def rows(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def reference_run(phantom, tmp_path_factory):
     out = tmp_path_factory.mktemp("alice_ref")
@@ -65,8 +61,6 @@ def reference_run(phantom, tmp_path_factory):
 
 @pytest.mark.slow
 def test_loss_falls_with_cross_scan_views_and_backbone_pth_loads(reference_run):
-    from config import load_config
-    from models.zoo import build_backbone, load_pretrained
     out = reference_run
     epochs = [r for r in rows(out) if "epoch_s" in r]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
@@ -74,13 +68,8 @@ def test_loss_falls_with_cross_scan_views_and_backbone_pth_loads(reference_run):
     assert epochs[-1]["loss"] < epochs[0]["loss"]
     assert all(np.isfinite(r[k]) for r in epochs for k in ("dino_loss", "patch_loss", "recon_loss", "koleo"))
     assert "feature_rank" in epochs[-1] and epochs[-1]["rank_center_maxdiff"] == 0
-    sd = torch.load(out / "checkpoint_last.pth", weights_only=True)["model"]
+    sd = assert_backbone_pth_is_the_teacher(out)
     assert "patch_center" in sd and any(k.startswith("teacher.casa.") for k in sd)
-    backbone = build_backbone(load_config(str(out / "config.yaml")))
-    report = load_pretrained(backbone, str(out / "backbone.pth"), min_fraction=1.0)
-    assert report["fraction"] == 1.0
-    for k, v in backbone.state_dict().items():
-        assert torch.equal(v, sd["teacher.backbone." + k]), k  # backbone.pth = the teacher
 
 
 @pytest.mark.slow
@@ -88,32 +77,16 @@ def test_two_processes_gloo_keep_centre_and_teacher_identical(phantom, tmp_path)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
     r = run_alice(tmp_path, phantom, "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", launcher=launcher)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "on 2 process(es)" in (tmp_path / "log.txt").read_text()
-    epoch = [r for r in rows(tmp_path) if "epoch_s" in r][-1]
-    assert epoch["rank_center_maxdiff"] == 0.0 and epoch["rank_teacher_maxdiff"] == 0.0
-    state = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
-    assert state["world_size"] == 2 and bool(state["model"]["center_ready"])
+    assert_two_ranks_agree(tmp_path)
 
 
 @pytest.mark.slow
 def test_sigterm_then_resume_is_exact(phantom, reference_run, tmp_path):
-    p = run_alice(tmp_path, phantom, wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-        if (tmp_path / "metrics.jsonl").exists() and any(r.get("epoch") == 1 and "step" in r for r in rows(tmp_path)):
-            break
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    stdout, _ = p.communicate(timeout=300)
-    assert p.returncode == 3, stdout
+    sigterm_in_epoch_1(run_alice(tmp_path, phantom, wait=False), tmp_path)
     r = run_alice(tmp_path, phantom)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resumed from" in r.stdout
-    a = torch.load(reference_run / "checkpoint_last.pth", weights_only=True)["model"]
-    b = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k  # student, teacher, CASA, centres
+    assert_same_model_state(reference_run, tmp_path)  # student, teacher, CASA, centres
 
 
 @pytest.mark.slow
@@ -124,5 +97,4 @@ def test_sigterm_then_resume_is_exact(phantom, reference_run, tmp_path):
 def test_bad_configs_stop_with_a_message_naming_the_key(phantom, tmp_path, opts, message):
     r = run_alice(tmp_path, phantom, "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", *opts)
     assert r.returncode != 0
-    import re
     assert re.search(message, r.stdout + r.stderr), r.stdout + r.stderr

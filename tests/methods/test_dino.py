@@ -255,6 +255,52 @@ def rows(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+# checks shared by the self-distillation methods' end-to-end tests (DINO here, Alice in test_alice_e2e.py)
+def assert_backbone_pth_is_the_teacher(out: Path) -> dict:
+    """``backbone.pth`` loads strictly into the run's backbone and equals the teacher's; returns the model state."""
+    from config import load_config
+    from models.zoo import build_backbone, load_pretrained
+    sd = torch.load(out / "checkpoint_last.pth", weights_only=True)["model"]
+    backbone = build_backbone(load_config(str(out / "config.yaml")))
+    report = load_pretrained(backbone, str(out / "backbone.pth"), min_fraction=1.0)
+    assert report["fraction"] == 1.0
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, sd["teacher.backbone." + k]), k  # backbone.pth = the teacher
+    return sd
+
+
+def assert_two_ranks_agree(out: Path) -> None:
+    """A 2-process run: centre and teacher identical on both ranks (the k-NN monitor's checks), saved by 2."""
+    assert "on 2 process(es)" in (out / "log.txt").read_text()
+    epoch = [r for r in rows(out) if "epoch_s" in r][-1]
+    assert epoch["rank_center_maxdiff"] == 0.0 and epoch["rank_teacher_maxdiff"] == 0.0
+    state = torch.load(out / "checkpoint_last.pth", weights_only=True)
+    assert state["world_size"] == 2 and bool(state["model"]["center_ready"])
+
+
+def sigterm_in_epoch_1(p: subprocess.Popen, out: Path) -> None:
+    """SIGTERM a run once it logs a step of epoch 1; it must checkpoint and exit with status 3, mid-epoch."""
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if (out / "metrics.jsonl").exists() and any(r.get("epoch") == 1 and "step" in r for r in rows(out)):
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    stdout, _ = p.communicate(timeout=300)
+    assert p.returncode == 3, stdout
+    cut = torch.load(out / "checkpoint_last.pth", weights_only=True)
+    assert cut["epoch"] == 1 and cut["step_in_epoch"] > 0  # stopped mid-epoch
+
+
+def assert_same_model_state(a: Path, b: Path) -> None:
+    """Two runs' ``checkpoint_last.pth`` hold the same model state, key by key (student, teacher, centres)."""
+    sa = torch.load(a / "checkpoint_last.pth", weights_only=True)["model"]
+    sb = torch.load(b / "checkpoint_last.pth", weights_only=True)["model"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
 @pytest.fixture(scope="module")
 def reference_run(phantom, tmp_path_factory):
     out = tmp_path_factory.mktemp("dino_ref")
@@ -265,8 +311,6 @@ def reference_run(phantom, tmp_path_factory):
 
 @pytest.mark.slow
 def test_single_process_run_and_backbone_pth_loads(reference_run):
-    from config import load_config
-    from models.zoo import build_backbone, load_pretrained
     out = reference_run
     steps = [r for r in rows(out) if "step" in r]
     assert steps and all(np.isfinite(r["loss"]) and "teacher_entropy" in r and "kl" in r for r in steps)
@@ -274,15 +318,8 @@ def test_single_process_run_and_backbone_pth_loads(reference_run):
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert "val_loss" in epochs[-1] and epochs[-1]["rank_center_maxdiff"] == 0
     assert epochs[-1]["knn_k"] == min(3, max(1, (epochs[-1]["knn_n"] - 1) // 2))  # DINO.KNN_K 3, capped
-    state = torch.load(out / "checkpoint_last.pth", weights_only=True)
-    sd = state["model"]
+    sd = assert_backbone_pth_is_the_teacher(out)
     assert "center" in sd and any(k.startswith("teacher.backbone.") for k in sd)
-    cfg = load_config(str(out / "config.yaml"))
-    backbone = build_backbone(cfg)
-    report = load_pretrained(backbone, str(out / "backbone.pth"), min_fraction=1.0)
-    assert report["fraction"] == 1.0
-    for k, v in backbone.state_dict().items():
-        assert torch.equal(v, sd["teacher.backbone." + k]), k  # backbone.pth = the teacher
 
 
 @pytest.mark.slow
@@ -290,34 +327,16 @@ def test_two_processes_gloo_keep_centre_and_teacher_identical(phantom, tmp_path)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
     r = run_dino(tmp_path, phantom, "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", launcher=launcher)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "on 2 process(es)" in (tmp_path / "log.txt").read_text()
-    epoch = [r for r in rows(tmp_path) if "epoch_s" in r][-1]
-    assert epoch["rank_center_maxdiff"] == 0.0 and epoch["rank_teacher_maxdiff"] == 0.0
-    state = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
-    assert state["world_size"] == 2 and bool(state["model"]["center_ready"])
+    assert_two_ranks_agree(tmp_path)
 
 
 @pytest.mark.slow
 def test_sigterm_then_resume_restores_teacher_and_centre_exactly(phantom, reference_run, tmp_path):
-    p = run_dino(tmp_path, phantom, wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-        if (tmp_path / "metrics.jsonl").exists() and any(r.get("epoch") == 1 and "step" in r for r in rows(tmp_path)):
-            break
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    stdout, _ = p.communicate(timeout=300)
-    assert p.returncode == 3, stdout
-    cut = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
-    assert cut["epoch"] == 1 and cut["step_in_epoch"] > 0  # stopped mid-epoch
+    sigterm_in_epoch_1(run_dino(tmp_path, phantom, wait=False), tmp_path)
     r = run_dino(tmp_path, phantom)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resumed from" in r.stdout
-    a = torch.load(reference_run / "checkpoint_last.pth", weights_only=True)["model"]
-    b = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k  # student, teacher, centre
+    assert_same_model_state(reference_run, tmp_path)
 
 
 def test_forward_windows_a_device_stage_batch_itself():
