@@ -3,7 +3,8 @@
 ``finetune`` trains encoder and decoder, ``linear`` only the decoder (the encoder frozen and checked),
 ``fewshot`` trains ``FEW_SHOT_BASE`` on ``FEW_SHOT_K`` labelled volumes drawn per seed. The trainer,
 DDP, AMP and resume are the classification run's (:class:`engine.trainer.Trainer`); the validation
-score that picks ``checkpoint_best.pth`` is the macro Dice on the preprocessed grid. The test set is
+score that picks ``checkpoint_best.pth`` is the pooled ("global") Dice on the preprocessed grid, averaged over
+the classes (:class:`SegValidationScorer`). The test set is
 predicted with MONAI's ``sliding_window_inference`` (``DATA.ROI`` windows, ``DOWNSTREAM.SEG_OVERLAP``,
 Gaussian blending) over each whole preprocessed volume, each case on one rank; the label map is
 mapped back by nearest neighbour onto the SOURCE image's grid and written with its affine
@@ -103,8 +104,16 @@ def eval_loader(cfg, m: Manifest):
 
 
 class SegValidationScorer:
-    """The trainer's ``evaluator(method, epoch)``: macro Dice on the validation volumes (preprocessed grid),
-    ``score`` = that Dice; every rank predicts its share, the per-case Dice are gathered."""
+    """The trainer's ``evaluator(method, epoch)`` on the validation volumes (preprocessed grid); every rank
+    predicts its share, the per-case counts are gathered.
+
+    ``score`` (what picks ``checkpoint_best.pth``) is ``val_dice_global``: per class the Dice of all validation
+    voxels pooled, ``2 sum|P & R| / (sum|P| + sum|R|)`` over the cases, then the mean over the classes. Unlike
+    the per-case mean (``val_dice_macro``, also logged, where a healthy scan predicted empty scores 1) it gives
+    nothing for predicting nothing, and it still counts false positives on healthy scans; so an early epoch
+    that has not yet learnt to find a lesion is not chosen over one that has. A class that no validation
+    reference holds and nothing predicts scores 1.
+    """
 
     def __init__(self, cfg, loader, n_classes: int) -> None:
         self.cfg, self.loader, self.k = cfg, loader, n_classes
@@ -121,14 +130,22 @@ class SegValidationScorer:
                 pred = predict_volume(method, batch["image"], self.cfg, device)
                 ref = batch["target"][0, 0].numpy()
                 rows = case_metrics(pred, ref, [str(k) for k in range(1, self.k + 1)], [1, 1, 1], with_hd95=False)
-                local[int(batch["index"][0])] = float(np.mean([r["dice"] for r in rows]))
+                counts = [(int(np.count_nonzero((pred == k) & (ref == k))), int(np.count_nonzero(pred == k)),
+                           int(np.count_nonzero(ref == k))) for k in range(1, self.k + 1)]
+                local[int(batch["index"][0])] = (float(np.mean([r["dice"] for r in rows])), counts)
         finally:
             method.train(was_training)
         merged = {}
         for part in dist.all_gather_object(local):
             merged.update(part)
-        dice = float(np.mean(list(merged.values()))) if merged else None
-        return {"val_dice_macro": dice, "score": dice}
+        if not merged:
+            return {"val_dice_macro": None, "val_dice_global": None, "score": None}
+        macro = float(np.mean([v[0] for v in merged.values()]))
+        inter, n_pred, n_ref = np.asarray([v[1] for v in merged.values()], np.float64).sum(axis=0).T  # [K] each
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class = np.where(n_pred + n_ref > 0, 2 * inter / (n_pred + n_ref), 1.0)
+        dice = float(per_class.mean())
+        return {"val_dice_macro": macro, "val_dice_global": dice, "score": dice}
 
 
 def source_grid(path: str) -> Volume:
@@ -215,14 +232,17 @@ def write_results(cfg, log: RunLogger, rows: list[dict], figs: list[dict]) -> di
     at = {(r["id"], r["class"]): r for r in rows}
     dice = np.array([[at[(i, n)]["dice"] for n in names] for i in ids], dtype=np.float64).reshape(len(ids), len(names))
     hd95 = np.array([[at[(i, n)]["hd95"] for n in names] for i in ids], dtype=np.float64).reshape(len(ids), len(names))
-    metrics = {"test": summarize(dice, hd95, names, cfg.DOWNSTREAM.BOOTSTRAP, cfg.SEED)}
+    present = np.array([[at[(i, n)]["ref_ml"] > 0 for n in names] for i in ids], dtype=bool).reshape(dice.shape)
+    metrics = {"test": summarize(dice, hd95, present, names, cfg.DOWNSTREAM.BOOTSTRAP, cfg.SEED)}
     write_per_case(os.path.join(cfg.OUTPUT, "per_case.csv"), rows)
     write_metrics_json(os.path.join(cfg.OUTPUT, "metrics.json"), metrics)
     if figs:
         plot_cases(os.path.join(cfg.OUTPUT, "segmentation.png"), figs)
-    log.metrics({f"test_{k}_{name}": m[k] for name, m in metrics["test"].items() for k in ("dice", "hd95")},
+    log.metrics({f"test_{k}_{name}": m[k] for name, m in metrics["test"].items()
+                 for k in ("dice", "hd95", "dice_present")},
                 tb_step=0, tb_prefix="eval")
-    log.info("test segmentation (Dice and HD95 on the source grid; 95% CIs by bootstrap over cases)\n"
+    log.info("test segmentation (Dice and HD95 on the source grid; 95% CIs by bootstrap over cases; 'with it': "
+             "the cases whose reference holds the class, and the Dice over those)\n"
              + format_table(metrics["test"]))
     log.info(f"wrote predictions/<id>.nii.gz, per_case.csv, metrics.json and segmentation.png to {cfg.OUTPUT}")
     return metrics
@@ -245,7 +265,7 @@ def train_and_evaluate(cfg, manifests: dict, frozen: bool) -> Optional[dict]:
     scorer = SegValidationScorer(cfg, eval_loader(cfg, val_m), len(cfg.DOWNSTREAM.SEG_CLASSES)) \
         if val_m is not None else None
     from downstream.run import fit_then_best
-    trainer, log = fit_then_best(cfg, method, loader, scorer, len(train_m), "macro Dice", "DATA.VAL_CSV empty")
+    trainer, log = fit_then_best(cfg, method, loader, scorer, len(train_m), "global Dice", "DATA.VAL_CSV empty")
     rows, figs = predict_test(cfg, method, test_m, trainer.device)
     metrics = write_results(cfg, log, rows, figs) if dist.is_main() else None
     log.close()

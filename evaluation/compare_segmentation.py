@@ -1,7 +1,9 @@
 """Is segmenter A better than segmenter B on the same test cases? Paired Dice comparison.
 
 Both runs' ``per_case.csv`` are matched by ``(id, class)`` (both must hold the same cases and
-classes). For every class and for the macro Dice (per-case mean over classes):
+classes, scored against the same references). For every class and for the macro Dice (per-case mean
+over classes), over all cases and again over the cases whose reference holds the class (``present``:
+where both models predict nothing on healthy scans they tie at 1, which hides a lesion difference):
 
 * the mean paired difference ``Dice(A) - Dice(B)`` over cases;
 * a **paired bootstrap** 95% CI: the cases are resampled and the *same* resample scores both models
@@ -24,10 +26,10 @@ from evaluation.metrics import _percentile_ci
 ALPHA = 0.05
 
 
-def read_per_case(path: str) -> dict[tuple[str, str], float]:
-    """``{(id, class): dice}`` of a ``per_case.csv``."""
+def read_per_case(path: str) -> dict[tuple[str, str], tuple[float, bool]]:
+    """``{(id, class): (dice, the reference holds the class)}`` of a ``per_case.csv``."""
     with open(path, newline="") as f:
-        return {(r["id"], r["class"]): float(r["dice"]) for r in csv.DictReader(f)}
+        return {(r["id"], r["class"]): (float(r["dice"]), float(r["ref_ml"]) > 0) for r in csv.DictReader(f)}
 
 
 def paired_dice(a: np.ndarray, b: np.ndarray, n_bootstrap: int = 2000, seed: int = 0) -> dict[str, Any]:
@@ -77,36 +79,62 @@ def sentence(r: dict[str, Any], name_a: str, name_b: str, what: str = "Dice") ->
 
 def compare_per_case(path_a: str, path_b: str, n_bootstrap: int = 2000, seed: int = 0, name_a: str = "A",
                      name_b: str = "B") -> dict[str, Any]:
-    """Per class and macro: :func:`paired_dice` of two ``per_case.csv`` plus its sentence.
+    """Per class and macro: :func:`paired_dice` of two ``per_case.csv`` plus its sentence, over all cases, and
+    under ``"present"`` the same over the cases whose reference holds the class (the lesion Dice; for ``macro``
+    each case's mean over the classes it holds).
 
     Raises:
-        ValueError: when the files do not hold the same (case, class) pairs (names a few).
+        ValueError: when the files do not hold the same (case, class) pairs or references (names a few).
     """
     a, b = read_per_case(path_a), read_per_case(path_b)
     if a.keys() != b.keys():
         only_a, only_b = sorted(set(a) - set(b))[:3], sorted(set(b) - set(a))[:3]
         raise ValueError(f"{path_a} and {path_b} hold different (case, class) pairs: only in A e.g. {only_a}, "
                          f"only in B e.g. {only_b}")
+    differ = [k for k in a if a[k][1] != b[k][1]]
+    if differ:
+        raise ValueError(f"{path_a} and {path_b} disagree on which references hold the class (ref_ml), e.g. "
+                         f"{differ[:3]}: they were not scored against the same masks")
     ids = list(dict.fromkeys(k[0] for k in a))
     classes = list(dict.fromkeys(k[1] for k in a))
-    da = np.array([[a[(i, c)] for c in classes] for i in ids])  # [N, K]
-    db = np.array([[b[(i, c)] for c in classes] for i in ids])
+    da = np.array([[a[(i, c)][0] for c in classes] for i in ids]).reshape(len(ids), len(classes))  # [N, K]
+    db = np.array([[b[(i, c)][0] for c in classes] for i in ids]).reshape(da.shape)
+    present = np.array([[a[(i, c)][1] for c in classes] for i in ids]).reshape(da.shape)
     out: dict[str, Any] = {}
     for k, c in enumerate(classes + ["macro"]):
-        xa, xb = (da[:, k], db[:, k]) if c != "macro" else (da.mean(axis=1), db.mean(axis=1))
+        if c != "macro":
+            xa, xb, there = da[:, k], db[:, k], present[:, k]
+            pa, pb = xa[there], xb[there]
+        else:
+            xa, xb, rows = da.mean(axis=1), db.mean(axis=1), present.any(axis=1)
+            pa = np.array([da[i, present[i]].mean() for i in np.flatnonzero(rows)])
+            pb = np.array([db[i, present[i]].mean() for i in np.flatnonzero(rows)])
         r = paired_dice(xa, xb, n_bootstrap, seed)
         r["sentence"] = sentence(r, name_a, name_b)
+        r["present"] = paired_dice(pa, pb, n_bootstrap, seed)
+        r["present"]["sentence"] = sentence(r["present"], name_a, name_b, "Dice on the cases holding the class")
         out[c] = r
     return out
 
 
 def format_comparison(result: dict[str, Any]) -> str:
-    """Table (class, cases, Dice A, Dice B, A - B [CI], p) and the sentences."""
-    lines = [f"{'class':<12} {'cases':>5} {'Dice A':>7} {'Dice B':>7}  {'A - B [paired 95% CI]':<26} {'p':>7}",
-             "-" * 72]
-    for c, r in result.items():
-        ci = f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r["ci95"] else ""
-        p = f"{r['p_value']:.3g}" if r["p_value"] is not None else "-"
-        lines.append(f"{c:<12} {r['n_cases']:>5} {r['dice_a']:>7.3f} {r['dice_b']:>7.3f}  "
-                     f"{r['diff']:+.3f} {ci:<19} {p:>7}")
-    return "\n".join(lines + [""] + [f"{c}: {r['sentence']}" for c, r in result.items()])
+    """Two tables (all cases; the cases holding the class) of class, cases, Dice A, Dice B, A - B [CI], p,
+    and the sentences."""
+    def table(rows: dict[str, Any]) -> list[str]:
+        lines = [f"{'class':<12} {'cases':>5} {'Dice A':>7} {'Dice B':>7}  {'A - B [paired 95% CI]':<26} {'p':>7}",
+                 "-" * 72]
+        for c, r in rows.items():
+            if not r["n_cases"]:
+                lines.append(f"{c:<12} {0:>5}   (no case)")
+                continue
+            ci = f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r["ci95"] else ""
+            p = f"{r['p_value']:.3g}" if r["p_value"] is not None else "-"
+            lines.append(f"{c:<12} {r['n_cases']:>5} {r['dice_a']:>7.3f} {r['dice_b']:>7.3f}  "
+                         f"{r['diff']:+.3f} {ci:<19} {p:>7}")
+        return lines
+
+    present = {c: r["present"] for c, r in result.items()}
+    return "\n".join(["All test cases (an empty reference predicted empty scores 1):"] + table(result) + [""]
+                     + ["The cases whose reference holds the class:"] + table(present) + [""]
+                     + [f"{c}: {r['sentence']}" for c, r in result.items()]
+                     + [f"{c}, cases holding it: {r['sentence']}" for c, r in present.items()])

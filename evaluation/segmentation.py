@@ -13,7 +13,11 @@ Per case and class (:func:`case_metrics`, on the source image's grid):
 
 :func:`summarize` averages over cases and gives percentile-bootstrap 95% CIs by resampling cases
 (``DOWNSTREAM.BOOTSTRAP`` resamples, seed ``SEED``), as the classification metrics do; ``macro`` is
-the per-case mean over classes, bootstrapped over the same resampled cases.
+the per-case mean over classes, bootstrapped over the same resampled cases. Because an empty reference
+predicted empty scores 1, a model that finds nothing still scores high where most cases are healthy; so
+every class also has ``dice_present``: the mean Dice over the **cases whose reference holds the class**
+(``n_cases_present``), the lesion Dice that a segmentation of bleeds is judged by (for ``macro``, each
+case's mean over the classes its reference holds; cases holding none are left out).
 """
 from __future__ import annotations
 
@@ -77,30 +81,38 @@ def _mean_ci(values: np.ndarray, idx: Optional[np.ndarray]) -> tuple[Optional[fl
     return mean, _percentile_ci(boot), n
 
 
-def summarize(dice: np.ndarray, hd95: np.ndarray, class_names: Sequence[str], n_bootstrap: int = 1000,
-              seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Per class and macro: ``dice``, ``dice_ci95``, ``hd95``, ``hd95_ci95``, ``n_cases``, ``n_cases_hd95``.
+def summarize(dice: np.ndarray, hd95: np.ndarray, present: np.ndarray, class_names: Sequence[str],
+              n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per class and macro: ``dice``, ``dice_ci95``, ``hd95``, ``hd95_ci95``, ``n_cases``, ``n_cases_hd95``,
+    ``dice_present``, ``dice_present_ci95``, ``n_cases_present``.
 
     Args:
         dice: ``[N, K]`` per case and class.
         hd95: ``[N, K]`` (NaN = not scored).
+        present: ``[N, K]`` bool, the reference holds the class (``ref_ml > 0``).
         class_names: the K names.
         n_bootstrap: resamples of the cases (0 = no CI).
         seed: the resamples' seed.
     """
-    dice, hd95 = np.asarray(dice, np.float64), np.asarray(hd95, np.float64)
+    dice, hd95, present = np.asarray(dice, np.float64), np.asarray(hd95, np.float64), np.asarray(present, bool)
+    if not dice.shape == hd95.shape == present.shape:
+        raise ValueError(f"dice {dice.shape}, hd95 {hd95.shape} and present {present.shape} differ in shape")
     n = dice.shape[0]
     idx = np.random.default_rng(seed).integers(0, n, (n_bootstrap, n)) if n_bootstrap and n > 1 else None
     out: dict[str, dict[str, Any]] = {}
-    columns = [(name, dice[:, k], hd95[:, k]) for k, name in enumerate(class_names)]
-    finite = np.isfinite(hd95)
-    with np.errstate(invalid="ignore", divide="ignore"):  # a case with no HD95 of any class: NaN
-        macro_hd = np.where(finite, hd95, 0).sum(axis=1) / finite.sum(axis=1)
-    columns.append(("macro", dice.mean(axis=1), macro_hd))
-    for name, d, h in columns:
+    lesion = np.where(present, dice, np.nan)  # [N, K]: Dice where the reference holds the class
+    columns = [(name, dice[:, k], hd95[:, k], lesion[:, k]) for k, name in enumerate(class_names)]
+    with np.errstate(invalid="ignore", divide="ignore"):  # a case with no finite value of any class: NaN
+        def row_mean(v):
+            ok = np.isfinite(v)
+            return np.where(ok, v, 0).sum(axis=1) / ok.sum(axis=1)
+        columns.append(("macro", dice.mean(axis=1), row_mean(hd95), row_mean(lesion)))
+    for name, d, h, p in columns:
         dm, dci, dn = _mean_ci(d, idx)
         hm, hci, hn = _mean_ci(h, idx)
-        out[name] = {"dice": dm, "dice_ci95": dci, "hd95": hm, "hd95_ci95": hci, "n_cases": dn, "n_cases_hd95": hn}
+        pm, pci, pn = _mean_ci(p, idx)
+        out[name] = {"dice": dm, "dice_ci95": dci, "hd95": hm, "hd95_ci95": hci, "n_cases": dn, "n_cases_hd95": hn,
+                     "dice_present": pm, "dice_present_ci95": pci, "n_cases_present": pn}
     return out
 
 
@@ -117,17 +129,19 @@ def write_per_case(path: str, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def format_table(metrics: dict[str, dict[str, Any]]) -> str:
-    """Console table: class, cases, Dice [95% CI], HD95 mm [95% CI]."""
+    """Console table: class, cases, Dice [95% CI], HD95 mm [95% CI], Dice on the cases holding the class."""
     def fmt(v, ci, digits):
         if v is None:
             return "n/a"
         s = f"{v:.{digits}f}"
         return s + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
-    lines = [f"{'class':<12} {'cases':>5}  {'Dice [95% CI]':<24} {'HD95 mm [95% CI]':<26}", "-" * 70]
+    lines = [f"{'class':<12} {'cases':>5}  {'Dice [95% CI]':<24} {'HD95 mm [95% CI]':<26} "
+             f"{'with it':>7}  {'Dice there [95% CI]':<24}", "-" * 104]
     for name, m in metrics.items():
         lines.append(f"{name:<12} {m['n_cases']:>5}  {fmt(m['dice'], m['dice_ci95'], 3):<24} "
-                     f"{fmt(m['hd95'], m['hd95_ci95'], 1):<26}")
+                     f"{fmt(m['hd95'], m['hd95_ci95'], 1):<26} {m['n_cases_present']:>7}  "
+                     f"{fmt(m['dice_present'], m['dice_present_ci95'], 3):<24}")
     return "\n".join(lines)
 
 

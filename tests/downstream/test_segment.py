@@ -78,7 +78,7 @@ def test_finetune_then_linear_on_its_encoder(phantom, tmp_path):
     main_downstream.main(opts(phantom, ft))
     check_outputs(ft, phantom)
     log = (ft / "log.txt").read_text()
-    assert "training masks holding each class: 3:" in log and "best validation macro Dice" in log
+    assert "training masks holding each class: 3:" in log and "best validation global Dice" in log
     lin = tmp_path / "lin"
     main_downstream.main(opts(phantom, lin, "DOWNSTREAM.MODE", "linear", "MODEL.PRETRAINED", str(ft / "backbone.pth")))
     check_outputs(lin, phantom)
@@ -268,3 +268,40 @@ def test_fewshot_draws_k_labelled_volumes_per_seed(phantom, tmp_path):
     assert summary["test"]["macro"]["dice_mean"] == pytest.approx(np.mean(per_seed))
     assert summary["test"]["macro"]["n_seeds"] == 2 and summary["seeds"] == [0, 1]
     assert json.load(open(out / "metrics.json"))["seeds"] == [0, 1]
+
+
+class _Echo(torch.nn.Module):
+    """A stand-in segmenter whose prediction is its input: channel 0 holds the class index of each voxel."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:  # [B, 1, ...] -> [B, K + 1, ...] one-hot
+        return torch.nn.functional.one_hot(x[:, 0].long(), self.k + 1).movedim(-1, 1).float()
+
+
+def test_validation_score_is_the_pooled_dice_which_gives_nothing_for_predicting_nothing():
+    from downstream.segment import SegValidationScorer
+    cfg = get_defaults()
+    cfg.DATA.ROI = [8, 8, 8]
+    cfg.DOWNSTREAM.SEG_OVERLAP = 0.0
+    healthy, lesion = np.zeros((8, 8, 8), np.int64), np.zeros((8, 8, 8), np.int64)
+    lesion[2:4, 2:4, 2:4] = 1  # 8 voxels
+    hit = np.zeros_like(lesion)
+    hit[2:4, 2:4, 2:3] = 1  # 4 of them
+    fp = np.zeros_like(lesion)
+    fp[5:7, 5:7, 5:6] = 1  # 4 voxels on a healthy scan
+
+    def loader(cases):
+        return [{"image": torch.from_numpy(p)[None, None].float(), "target": torch.from_numpy(r)[None, None],
+                 "index": torch.tensor([i])} for i, (p, r) in enumerate(cases)]
+
+    found = SegValidationScorer(cfg, loader([(healthy, healthy), (hit, lesion), (fp, healthy)]), 1)(_Echo(1), 0)
+    assert found["val_dice_macro"] == pytest.approx((1 + 2 * 4 / 12 + 0) / 3)  # per case: 1, 0.667, 0
+    assert found["val_dice_global"] == pytest.approx(2 * 4 / (8 + 8)) == found["score"]  # 2 x 4 / (8 pred + 8 ref)
+    nothing = SegValidationScorer(cfg, loader([(healthy, healthy), (healthy, lesion), (healthy, healthy)]), 1)(
+        _Echo(1), 0)
+    assert nothing["val_dice_macro"] == pytest.approx(2 / 3) and nothing["score"] == 0.0
+    assert nothing["val_dice_macro"] > found["val_dice_macro"] and nothing["score"] < found["score"]

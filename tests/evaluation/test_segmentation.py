@@ -44,7 +44,8 @@ def test_empty_reference():
 def test_summary_means_counts_and_bootstrap():
     dice = np.array([[1.0, 0.5], [0.5, 0.0], [0.0, 1.0], [0.5, 0.5]])
     hd = np.array([[1.0, np.nan], [3.0, 2.0], [np.nan, np.nan], [5.0, 4.0]])
-    m = summarize(dice, hd, ["a", "b"], n_bootstrap=200, seed=0)
+    present = np.array([[True, True], [True, False], [False, True], [True, True]])
+    m = summarize(dice, hd, present, ["a", "b"], n_bootstrap=200, seed=0)
     assert m["a"]["dice"] == pytest.approx(0.5) and m["a"]["n_cases"] == 4
     assert m["a"]["hd95"] == pytest.approx(3.0) and m["a"]["n_cases_hd95"] == 3
     assert m["b"]["hd95"] == pytest.approx(3.0) and m["b"]["n_cases_hd95"] == 2
@@ -52,10 +53,20 @@ def test_summary_means_counts_and_bootstrap():
     assert m["macro"]["hd95"] == pytest.approx(np.mean([1.0, 2.5, 4.5]))  # per case over its scored classes
     lo, hi = m["a"]["dice_ci95"]
     assert 0.0 <= lo < 0.5 < hi <= 1.0
-    assert summarize(dice, hd, ["a", "b"], n_bootstrap=200, seed=0) == m  # seeded
-    assert summarize(dice, hd, ["a", "b"], n_bootstrap=0)["a"]["dice_ci95"] is None
+    # the lesion Dice: only the cases whose reference holds the class
+    assert m["a"]["dice_present"] == pytest.approx(np.mean([1.0, 0.5, 0.5])) and m["a"]["n_cases_present"] == 3
+    assert m["b"]["dice_present"] == pytest.approx(np.mean([0.5, 1.0, 0.5])) and m["b"]["n_cases_present"] == 3
+    assert m["macro"]["dice_present"] == pytest.approx(np.mean([0.75, 0.5, 1.0, 0.5]))  # case 2: a only
+    lo, hi = m["a"]["dice_present_ci95"]
+    assert 0.5 <= lo <= m["a"]["dice_present"] <= hi <= 1.0
+    assert summarize(dice, hd, present, ["a", "b"], n_bootstrap=200, seed=0) == m  # seeded
+    assert summarize(dice, hd, present, ["a", "b"], n_bootstrap=0)["a"]["dice_ci95"] is None
+    none = summarize(dice, hd, np.zeros_like(present), ["a", "b"], n_bootstrap=50)
+    assert none["a"]["dice_present"] is None and none["a"]["n_cases_present"] == 0 and none["a"]["dice"] == 0.5
+    with pytest.raises(ValueError, match="differ in shape"):
+        summarize(dice, hd, present[:2], ["a", "b"])
     table = format_table(m)
-    assert "macro" in table and "0.500 [" in table
+    assert "macro" in table and "0.500 [" in table and "Dice there" in table
 
 
 def test_per_case_csv_and_figure(tmp_path):
@@ -82,10 +93,10 @@ def test_paired_dice_comparison(tmp_path):
     same = paired_dice(base, base)
     assert same["diff"] == 0 and same["p_value"] is None and not same["significant"]
     # two per_case.csv files: matched by (id, class); macro = per-case mean over classes
-    for name, shift in (("a", 0.2), ("b", 0.0)):
+    for name, shift in (("a", 0.2), ("b", 0.0)):  # class_1 is absent from the references of cases 0-9
         rows = [{"id": f"s{i}", "class": c, "value": v, "dice": min(1.0, base[i] + shift * (c == "class_1")),
-                 "hd95": 1.0, "ref_ml": 1.0, "pred_ml": 1.0} for i in range(30) for c, v in (("class_1", 1),
-                                                                                          ("class_2", 2))]
+                 "hd95": 1.0, "ref_ml": 0.0 if c == "class_1" and i < 10 else 1.0, "pred_ml": 1.0}
+                for i in range(30) for c, v in (("class_1", 1), ("class_2", 2))]
         (tmp_path / name).mkdir()
         write_per_case(str(tmp_path / name / "per_case.csv"), rows)
     r = compare_per_case(str(tmp_path / "a" / "per_case.csv"), str(tmp_path / "b" / "per_case.csv"),
@@ -94,6 +105,12 @@ def test_paired_dice_comparison(tmp_path):
     assert r["macro"]["diff"] == pytest.approx(r["class_1"]["diff"] / 2, abs=1e-6)
     assert r["class_1"]["sentence"].startswith("pretrained is significantly better than random")
     assert "cannot tell" in r["class_2"]["sentence"] and "macro" in format_comparison(r)
+    # over the cases holding the class: class_1 on cases 10-29, macro per case over the classes it holds
+    assert r["class_1"]["present"]["n_cases"] == 20 and r["class_2"]["present"]["n_cases"] == 30
+    assert r["class_1"]["present"]["diff"] == pytest.approx(np.mean(np.minimum(1, base[10:] + 0.2) - base[10:]))
+    macro_a = [np.mean([min(1, base[i] + 0.2), base[i]]) if i >= 10 else base[i] for i in range(30)]
+    assert r["macro"]["present"]["diff"] == pytest.approx(np.mean(np.array(macro_a) - base))
+    assert "cases whose reference holds the class" in format_comparison(r)
     rows = list(csv.DictReader(open(tmp_path / "b" / "per_case.csv")))[:-1]
     (tmp_path / "c").mkdir()
     write_per_case(str(tmp_path / "c" / "per_case.csv"), [{**r, **{k: float(r[k]) for k in ("dice", "hd95", "ref_ml",
