@@ -330,8 +330,11 @@ def run_fewshot(cfg, manifests: dict) -> Optional[dict]:
     write_metrics_json(os.path.join(cfg.OUTPUT, "metrics.json"), summary)
     log = RunLogger(cfg.OUTPUT, True)
     macro = summary["test"]["macro"]
+    there = (f"{macro['dice_present_mean']:.3f} +- {macro['dice_present_std'] or 0:.3f}"
+             if macro.get("dice_present_mean") is not None else "n/a")
     log.info(f"few-shot segmentation ({d.FEW_SHOT_K} labelled volumes, {d.FEW_SHOT_BASE}), seeds {seeds}: macro Dice "
-             f"{macro['dice_mean']:.3f} +- {macro['dice_std'] or 0:.3f}; wrote metrics.json, one folder per seed")
+             f"{macro['dice_mean']:.3f} +- {macro['dice_std'] or 0:.3f}, on the cases holding a class {there}; "
+             "wrote metrics.json, one folder per seed")
     log.close()
     return summary
 

@@ -59,13 +59,15 @@ def paired_dice(a: np.ndarray, b: np.ndarray, n_bootstrap: int = 2000, seed: int
     return out
 
 
-def sentence(r: dict[str, Any], name_a: str, name_b: str, what: str = "Dice") -> str:
-    """One plain sentence: which is better, by how much, and whether that is significant."""
+def sentence(r: dict[str, Any], name_a: str, name_b: str, what: str = "Dice", none: str = "no common cases") -> str:
+    """One plain sentence: which is better, by how much, and whether that is significant (``none``: what to
+    say when there is no case)."""
     if r["diff"] is None:
-        return f"{name_a} vs {name_b}: no common cases."
+        return f"{name_a} vs {name_b}: {none}."
     lo, hi = r["ci95"] if r["ci95"] else (float("nan"), float("nan"))
     p = r["p_value"]
-    stats = f"{r['diff']:+.3f} {what}, paired 95% CI [{lo:+.3f}, {hi:+.3f}]" + (
+    ci = f"paired 95% CI [{lo:+.3f}, {hi:+.3f}]" if r["ci95"] else f"no CI from {r['n_cases']} case"
+    stats = f"{r['diff']:+.3f} {what}, {ci}" + (
         f", Wilcoxon p = {p:.3g}" if p is not None else ", identical on every case")
     if r["significant"]:
         better, worse = (name_a, name_b) if r["diff"] > 0 else (name_b, name_a)
@@ -112,7 +114,8 @@ def compare_per_case(path_a: str, path_b: str, n_bootstrap: int = 2000, seed: in
         r = paired_dice(xa, xb, n_bootstrap, seed)
         r["sentence"] = sentence(r, name_a, name_b)
         r["present"] = paired_dice(pa, pb, n_bootstrap, seed)
-        r["present"]["sentence"] = sentence(r["present"], name_a, name_b, "Dice on the cases holding the class")
+        r["present"]["sentence"] = sentence(r["present"], name_a, name_b, "Dice on the cases holding the class",
+                                            none="no test reference holds the class")
         out[c] = r
     return out
 

@@ -11,9 +11,10 @@ Per case and class (:func:`case_metrics`, on the source image's grid):
   ``per_case.csv``) and left out of the mean; ``n_cases_hd95`` counts the cases it was scored on.
 * ``ref_ml`` / ``pred_ml``: volumes in millilitres.
 
-:func:`summarize` averages over cases and gives percentile-bootstrap 95% CIs by resampling cases
-(``DOWNSTREAM.BOOTSTRAP`` resamples, seed ``SEED``), as the classification metrics do; ``macro`` is
-the per-case mean over classes, bootstrapped over the same resampled cases. Because an empty reference
+:func:`summarize` averages over cases and gives percentile-bootstrap 95% CIs by resampling the cases
+where the value is defined (all cases for ``dice``; those scored for ``hd95``; those holding the class for
+``dice_present``), ``DOWNSTREAM.BOOTSTRAP`` resamples, seed ``SEED``, as the classification metrics do;
+``macro`` is the per-case mean over classes. Because an empty reference
 predicted empty scores 1, a model that finds nothing still scores high where most cases are healthy; so
 every class also has ``dice_present``: the mean Dice over the **cases whose reference holds the class**
 (``n_cases_present``), the lesion Dice that a segmentation of bleeds is judged by (for ``macro``, each
@@ -63,22 +64,20 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, class_names: Sequence[str], 
     return rows
 
 
-def _mean_ci(values: np.ndarray, idx: Optional[np.ndarray]) -> tuple[Optional[float], Optional[list[float]], int]:
-    """Mean over the finite values, the bootstrap CI of that mean over resampled cases ``idx [B, N]``, count."""
+def _mean_ci(values: np.ndarray, n_bootstrap: int, seed: int) -> tuple[Optional[float], Optional[list[float]], int]:
+    """Mean over the finite values (the cases where the value is defined), the percentile-bootstrap 95% CI of
+    that mean over ``n_bootstrap`` resamples of those cases (seed ``seed``; None below two cases), their count."""
     from evaluation.metrics import _percentile_ci
 
-    ok = np.isfinite(values)
-    n = int(ok.sum())
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    n = int(v.size)
     if n == 0:
         return None, None, 0
-    mean = float(values[ok].mean())
-    if idx is None or n < 2:
-        return mean, None, n
-    v = values[idx]  # [B, N]
-    fin = np.isfinite(v)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        boot = np.where(fin, v, 0).sum(axis=1) / fin.sum(axis=1)
-    return mean, _percentile_ci(boot), n
+    if not n_bootstrap or n < 2:
+        return float(v.mean()), None, n
+    idx = np.random.default_rng(seed).integers(0, n, (n_bootstrap, n))
+    return float(v.mean()), _percentile_ci(v[idx].mean(axis=1)), n
 
 
 def summarize(dice: np.ndarray, hd95: np.ndarray, present: np.ndarray, class_names: Sequence[str],
@@ -97,8 +96,6 @@ def summarize(dice: np.ndarray, hd95: np.ndarray, present: np.ndarray, class_nam
     dice, hd95, present = np.asarray(dice, np.float64), np.asarray(hd95, np.float64), np.asarray(present, bool)
     if not dice.shape == hd95.shape == present.shape:
         raise ValueError(f"dice {dice.shape}, hd95 {hd95.shape} and present {present.shape} differ in shape")
-    n = dice.shape[0]
-    idx = np.random.default_rng(seed).integers(0, n, (n_bootstrap, n)) if n_bootstrap and n > 1 else None
     out: dict[str, dict[str, Any]] = {}
     lesion = np.where(present, dice, np.nan)  # [N, K]: Dice where the reference holds the class
     columns = [(name, dice[:, k], hd95[:, k], lesion[:, k]) for k, name in enumerate(class_names)]
@@ -108,9 +105,9 @@ def summarize(dice: np.ndarray, hd95: np.ndarray, present: np.ndarray, class_nam
             return np.where(ok, v, 0).sum(axis=1) / ok.sum(axis=1)
         columns.append(("macro", dice.mean(axis=1), row_mean(hd95), row_mean(lesion)))
     for name, d, h, p in columns:
-        dm, dci, dn = _mean_ci(d, idx)
-        hm, hci, hn = _mean_ci(h, idx)
-        pm, pci, pn = _mean_ci(p, idx)
+        dm, dci, dn = _mean_ci(d, n_bootstrap, seed)
+        hm, hci, hn = _mean_ci(h, n_bootstrap, seed)
+        pm, pci, pn = _mean_ci(p, n_bootstrap, seed)
         out[name] = {"dice": dm, "dice_ci95": dci, "hd95": hm, "hd95_ci95": hci, "n_cases": dn, "n_cases_hd95": hn,
                      "dice_present": pm, "dice_present_ci95": pci, "n_cases_present": pn}
     return out

@@ -36,6 +36,10 @@ def test_demo_segment_runs_every_stage_and_prints_the_comparison(tmp_path):
         assert f"{m['dice']:.3f} [" in r.stdout
     assert "loaded" in (out / "segment" / "log.txt").read_text()
     assert "random weights" in (out / "segment_random" / "log.txt").read_text()
+    bad = {**env, "DEMO_SEG_OPTS": env["DEMO_SEG_OPTS"] + " DOWNSTREAM.NO_SUCH_KEY 1"}  # both runs fail at start-up
+    r = subprocess.run(["bash", str(ROOT / "tools" / "demo_segment.sh"), str(out)], cwd=tmp_path, env=bad,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "failed; the end of its console" in r.stderr and "NO_SUCH_KEY" in r.stderr
     r = subprocess.run(["bash", str(ROOT / "tools" / "demo_segment.sh"), str(tmp_path / "none")], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "run make demo first" in r.stderr

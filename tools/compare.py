@@ -9,7 +9,8 @@ matched by ``id``. Differences are first minus second (A - B), per label, at sca
 both files have a ``group`` column, at group level. Prints a table and one sentence per row saying
 whether the difference is significant (paired bootstrap CI excludes 0 and DeLong p < 0.05).
 Two ``per_case.csv`` of segmentation runs are compared on Dice per class and macro (paired bootstrap
-CI over cases and Wilcoxon signed-rank p; evaluation/compare_segmentation.py).
+CI over cases and Wilcoxon signed-rank p; evaluation/compare_segmentation.py), over all cases and again
+over the cases whose reference holds the class (the ``present`` entries of ``--json``).
 """
 from __future__ import annotations
 

@@ -31,8 +31,10 @@ stamp "1/3 phantom with label maps (0 background, IPH 1, IVH 2, SDH 3, EDH 4, SA
 "$PY" -m data.phantom --out "$P" --n "$N" --masks
 
 # Both runs at once, each on half the threads: on two cores 133 s instead of 214 s one after the other (the
-# small convolutions use a second thread poorly). Each run's console goes to <run>.console.txt.
-half=$(( ${OMP_NUM_THREADS} / 2 > 0 ? ${OMP_NUM_THREADS} / 2 : 1 ))
+# small convolutions use a second thread poorly). Each run's console goes to <run>.console.txt; Ctrl-C or a
+# failed run stops both.
+[[ "$OMP_NUM_THREADS" =~ ^[1-9][0-9]*$ ]] || { echo "demo_segment: OMP_NUM_THREADS=$OMP_NUM_THREADS is not a thread count" >&2; exit 1; }
+half=$(( (OMP_NUM_THREADS + 1) / 2 ))
 stamp "2/3 segmenter on the MAE-pretrained encoder -> $OUT/segment"
 stamp "3/3 the same decoder on a random encoder -> $OUT/segment_random  (both at once, $half thread(s) each)"
 OMP_NUM_THREADS=$half "$PY" main_downstream.py --cfg configs/demo/segment.yaml --opts OUTPUT "$OUT/segment" \
@@ -41,15 +43,20 @@ pre=$!
 OMP_NUM_THREADS=$half "$PY" main_downstream.py --cfg configs/demo/segment.yaml --opts OUTPUT "$OUT/segment_random" \
     "${OPTS[@]}" MODEL.PRETRAINED "" ${EXTRA[@]+"${EXTRA[@]}"} > "$OUT/segment_random.console.txt" 2>&1 &
 rnd=$!
-failed=0
-for run in "$pre:segment" "$rnd:segment_random"; do
-    if ! wait "${run%%:*}"; then
-        echo "demo_segment: the run in $OUT/${run#*:} failed; the end of its console:" >&2
-        tail -n 30 "$OUT/${run#*:}.console.txt" >&2
-        failed=1
-    fi
-done
-[ "$failed" = 0 ] || exit 1
+trap 'kill $pre $rnd 2>/dev/null; exit 130' INT TERM
+failed=""
+wait "$pre" || failed=segment
+if [ -n "$failed" ]; then
+    kill "$rnd" 2>/dev/null || true
+else
+    wait "$rnd" || failed=segment_random
+fi
+if [ -n "$failed" ]; then
+    echo "demo_segment: the run in $OUT/$failed failed; the end of its console:" >&2
+    tail -n 30 "$OUT/$failed.console.txt" >&2
+    exit 1
+fi
+trap - INT TERM
 stamp "both segmenters trained and scored"
 
 elapsed=$(( $(date +%s) - start ))

@@ -111,6 +111,11 @@ def test_paired_dice_comparison(tmp_path):
     macro_a = [np.mean([min(1, base[i] + 0.2), base[i]]) if i >= 10 else base[i] for i in range(30)]
     assert r["macro"]["present"]["diff"] == pytest.approx(np.mean(np.array(macro_a) - base))
     assert "cases whose reference holds the class" in format_comparison(r)
+    from evaluation.compare_segmentation import sentence
+    one = paired_dice(np.array([0.7]), np.array([0.5]))
+    assert "no CI from 1 case" in sentence(one, "A", "B") and "nan" not in sentence(one, "A", "B")
+    assert sentence(paired_dice(np.array([]), np.array([])), "A", "B", none="no test reference holds the class") \
+        == "A vs B: no test reference holds the class."
     rows = list(csv.DictReader(open(tmp_path / "b" / "per_case.csv")))[:-1]
     (tmp_path / "c").mkdir()
     write_per_case(str(tmp_path / "c" / "per_case.csv"), [{**r, **{k: float(r[k]) for k in ("dice", "hd95", "ref_ml",
