@@ -119,7 +119,6 @@ class SegValidationScorer:
         self.cfg, self.loader, self.k = cfg, loader, n_classes
 
     def __call__(self, method: Segmenter, epoch: int) -> dict:
-        from evaluation.segmentation import case_metrics
         average_buffers(method)
         was_training = method.training
         method.eval()
@@ -129,10 +128,10 @@ class SegValidationScorer:
             for batch in self.loader:
                 pred = predict_volume(method, batch["image"], self.cfg, device)
                 ref = batch["target"][0, 0].numpy()
-                rows = case_metrics(pred, ref, [str(k) for k in range(1, self.k + 1)], [1, 1, 1], with_hd95=False)
-                counts = [(int(np.count_nonzero((pred == k) & (ref == k))), int(np.count_nonzero(pred == k)),
-                           int(np.count_nonzero(ref == k))) for k in range(1, self.k + 1)]
-                local[int(batch["index"][0])] = (float(np.mean([r["dice"] for r in rows])), counts)
+                # per class: |P & R|, |P|, |R|; both scores derive from these counts
+                local[int(batch["index"][0])] = [(int(np.count_nonzero((pred == k) & (ref == k))),
+                                                  int(np.count_nonzero(pred == k)), int(np.count_nonzero(ref == k)))
+                                                 for k in range(1, self.k + 1)]
         finally:
             method.train(was_training)
         merged = {}
@@ -140,12 +139,15 @@ class SegValidationScorer:
             merged.update(part)
         if not merged:
             return {"val_dice_macro": None, "val_dice_global": None, "score": None}
-        macro = float(np.mean([v[0] for v in merged.values()]))
-        inter, n_pred, n_ref = np.asarray([v[1] for v in merged.values()], np.float64).sum(axis=0).T  # [K] each
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_class = np.where(n_pred + n_ref > 0, 2 * inter / (n_pred + n_ref), 1.0)
-        dice = float(per_class.mean())
-        return {"val_dice_macro": macro, "val_dice_global": dice, "score": dice}
+        counts = np.asarray(list(merged.values()), np.float64)  # [N cases, K, 3]
+
+        def dice(inter, n_pred, n_ref):  # 2|P & R| / (|P| + |R|); 1 when both are empty (MONAI's ignore_empty=False)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where(n_pred + n_ref > 0, 2 * inter / (n_pred + n_ref), 1.0)
+
+        macro = float(dice(*np.moveaxis(counts, -1, 0)).mean())  # per case and class, then the mean
+        pooled = float(dice(*np.moveaxis(counts.sum(axis=0), -1, 0)).mean())  # per class over all cases
+        return {"val_dice_macro": macro, "val_dice_global": pooled, "score": pooled}
 
 
 def source_grid(path: str) -> Volume:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from evaluation.metrics import _percentile_ci
+from evaluation.segmentation import row_mean
 
 ALPHA = 0.05
 
@@ -107,10 +108,9 @@ def compare_per_case(path_a: str, path_b: str, n_bootstrap: int = 2000, seed: in
         if c != "macro":
             xa, xb, there = da[:, k], db[:, k], present[:, k]
             pa, pb = xa[there], xb[there]
-        else:
-            xa, xb, rows = da.mean(axis=1), db.mean(axis=1), present.any(axis=1)
-            pa = np.array([da[i, present[i]].mean() for i in np.flatnonzero(rows)])
-            pb = np.array([db[i, present[i]].mean() for i in np.flatnonzero(rows)])
+        else:  # each case's mean over the classes it holds, as evaluation.segmentation.summarize does
+            xa, xb, there = da.mean(axis=1), db.mean(axis=1), present.any(axis=1)
+            pa, pb = (row_mean(np.where(present, d, np.nan))[there] for d in (da, db))
         r = paired_dice(xa, xb, n_bootstrap, seed)
         r["sentence"] = sentence(r, name_a, name_b)
         r["present"] = paired_dice(pa, pb, n_bootstrap, seed)

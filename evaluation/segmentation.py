@@ -80,6 +80,14 @@ def _mean_ci(values: np.ndarray, n_bootstrap: int, seed: int) -> tuple[Optional[
     return float(v.mean()), _percentile_ci(v[idx].mean(axis=1)), n
 
 
+def row_mean(values: np.ndarray) -> np.ndarray:
+    """``[N, K]`` -> ``[N]``: each case's mean over its finite values (NaN where it has none), e.g. the macro HD95
+    over the scored classes, or the macro lesion Dice over the classes a case holds."""
+    ok = np.isfinite(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, values, 0).sum(axis=1) / ok.sum(axis=1)
+
+
 def summarize(dice: np.ndarray, hd95: np.ndarray, present: np.ndarray, class_names: Sequence[str],
               n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Per class and macro: ``dice``, ``dice_ci95``, ``hd95``, ``hd95_ci95``, ``n_cases``, ``n_cases_hd95``,
@@ -99,11 +107,7 @@ def summarize(dice: np.ndarray, hd95: np.ndarray, present: np.ndarray, class_nam
     out: dict[str, dict[str, Any]] = {}
     lesion = np.where(present, dice, np.nan)  # [N, K]: Dice where the reference holds the class
     columns = [(name, dice[:, k], hd95[:, k], lesion[:, k]) for k, name in enumerate(class_names)]
-    with np.errstate(invalid="ignore", divide="ignore"):  # a case with no finite value of any class: NaN
-        def row_mean(v):
-            ok = np.isfinite(v)
-            return np.where(ok, v, 0).sum(axis=1) / ok.sum(axis=1)
-        columns.append(("macro", dice.mean(axis=1), row_mean(hd95), row_mean(lesion)))
+    columns.append(("macro", dice.mean(axis=1), row_mean(hd95), row_mean(lesion)))
     for name, d, h, p in columns:
         dm, dci, dn = _mean_ci(d, n_bootstrap, seed)
         hm, hci, hn = _mean_ci(h, n_bootstrap, seed)
